@@ -1,0 +1,79 @@
+"""Grids and projections shared by the simulator, the providers and the masks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from affine import Affine
+
+from railwatch.domain import Aoi
+
+#: Sentinel-1/-2 analysis resolution in metres.
+RESOLUTION_M = 10.0
+
+
+def utm_epsg(lon: float, lat: float) -> int:
+    """EPSG code of the WGS 84 / UTM zone containing (lon, lat)."""
+    zone = min(60, max(1, int(math.floor((lon + 180.0) / 6.0)) + 1))
+    return (32600 if lat >= 0 else 32700) + zone
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A north-up raster grid: CRS (``"EPSG:n"``), affine transform and size."""
+
+    crs: str
+    transform: Affine
+    width: int
+    height: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.height, self.width)
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """(left, bottom, right, top) in the grid's CRS."""
+        left, top = self.transform.c, self.transform.f
+        return (left, top + self.transform.e * self.height, left + self.transform.a * self.width, top)
+
+
+def aoi_grid(aoi: Aoi, resolution: float = RESOLUTION_M, pad_m: float = 0.0) -> Grid:
+    """The AOI's bounding box in its UTM zone, snapped outwards to whole ``resolution`` cells.
+
+    This is the grid every provider asks for and the simulator renders on, so scenes of one AOI
+    from any source line up pixel for pixel.
+    """
+    from pyproj import Transformer
+
+    west, south, east, north = aoi.bbox
+    epsg = utm_epsg((west + east) / 2.0, (south + north) / 2.0)
+    tr = Transformer.from_crs("EPSG:4326", f"EPSG:{epsg}", always_xy=True)
+    xs: list[float] = []
+    ys: list[float] = []
+    # Densify the box edges: a lon/lat box is not a rectangle in UTM.
+    for i in range(11):
+        f = i / 10.0
+        for lon, lat in ((west + f * (east - west), south), (west + f * (east - west), north),
+                         (west, south + f * (north - south)), (east, south + f * (north - south))):
+            x, y = tr.transform(lon, lat)
+            xs.append(x)
+            ys.append(y)
+    left = math.floor((min(xs) - pad_m) / resolution) * resolution
+    right = math.ceil((max(xs) + pad_m) / resolution) * resolution
+    bottom = math.floor((min(ys) - pad_m) / resolution) * resolution
+    top = math.ceil((max(ys) + pad_m) / resolution) * resolution
+    width = round((right - left) / resolution)
+    height = round((top - bottom) / resolution)
+    return Grid(f"EPSG:{epsg}", Affine(resolution, 0.0, left, 0.0, -resolution, top), width, height)
+
+
+def reproject_geometry(geom: Any, src_crs: str, dst_crs: str) -> Any:
+    """Reproject a shapely geometry (always_xy axis order)."""
+    from pyproj import Transformer
+    from shapely.ops import transform as shp_transform
+
+    tr = Transformer.from_crs(src_crs, dst_crs, always_xy=True)
+    return shp_transform(tr.transform, geom)
