@@ -1,0 +1,722 @@
+"""The railwatch command line: parse, call, print. Logs go to stderr, results to stdout.
+
+Exit codes: 0 success, 1 the command ran but something failed, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from railwatch import __version__
+from railwatch.domain import COLLECTIONS, S2, Aoi, iso, utc
+from railwatch.errors import AoiError, ConfigError, CredentialsError, RailwatchError, StoreError
+
+log = logging.getLogger("railwatch")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+HELP = """\
+railwatch watches rail traffic at border crossings from Sentinel-1 (radar) and Sentinel-2
+(optical) imagery. For each area of interest (AOI, a GeoJSON file in aoi/) it finds new scenes,
+measures activity on the rail-track pixels against a reference of the same place, estimates rail
+cars, compares them with a rolling baseline and opens an alert when activity is unusual.
+
+Start here:
+  railwatch demo                       simulate a surge at Tumangang–Khasan and catch it (no network)
+  railwatch aoi validate               check the AOI files
+  railwatch backfill --aoi ID          process the archive (or provider) history of one AOI
+  railwatch run --once                 one polling pass over every AOI
+  railwatch history --aoi ID           one row per scene
+  railwatch alerts                     the alerts
+  railwatch status                     per AOI: last scene, activity, baseline, open alerts
+
+Configuration: config/railwatch.toml (or --config PATH, or $RAILWATCH_CONFIG); any key can be
+overridden with RAILWATCH_<SECTION>__<KEY>. Listings take --format table|json|csv.
+Exit codes: 0 ok, 1 something failed, 2 usage or configuration error.
+"""
+
+
+class UsageError(RailwatchError):
+    """A command line that cannot be carried out as given (exit code 2)."""
+
+
+# --- output ---------------------------------------------------------------------------------
+def _stdout_console() -> Any:
+    from rich.console import Console
+
+    return Console(soft_wrap=False, width=max(100, shutil.get_terminal_size((140, 20)).columns))
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def emit(rows: list[dict[str, Any]] | dict[str, Any], fmt: str, *, title: str = "",
+         columns: Sequence[str] | None = None) -> None:
+    """Print rows (or one object) as a rich table, one JSON document, or CSV."""
+    if fmt == "json":
+        sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
+        return
+    items = [rows] if isinstance(rows, dict) else rows
+    cols = list(columns or (items[0].keys() if items else []))
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in items:
+            w.writerow({k: _cell(r.get(k)) for k in cols})
+        sys.stdout.write(buf.getvalue())
+        return
+    from rich.table import Table
+
+    table = Table(title=title or None, show_lines=False)
+    for c in cols:
+        table.add_column(c, overflow="fold")
+    for r in items:
+        table.add_row(*(_cell(r.get(c)) for c in cols))
+    if not items:
+        _stdout_console().print(f"{title}: nothing to show" if title else "nothing to show")
+        return
+    _stdout_console().print(table)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.1f}"
+    if isinstance(v, (list, tuple)):
+        return ",".join(str(x) for x in v)
+    if isinstance(v, dict):
+        return json.dumps(v)
+    return str(v)
+
+
+@contextmanager
+def progress_bar(label: str, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar on stderr; yields a callback (done, total)."""
+    if not enabled:
+        yield lambda _d, _t: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=_stderr_console(), transient=False) as prog:
+        task = prog.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            prog.update(task, completed=done, total=total)
+
+        yield update
+
+
+# --- logging --------------------------------------------------------------------------------
+class JsonFormatter(logging.Formatter):
+    CONTEXT = ("aoi", "scene", "job", "alert", "delivery")
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": datetime.fromtimestamp(record.created, UTC).isoformat(), "level": record.levelname,
+               "logger": record.name, "message": record.getMessage()}
+        for k in self.CONTEXT:
+            if hasattr(record, k):
+                out[k] = getattr(record, k)
+        if record.exc_info:
+            out["error"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    if fmt == "json":
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+    else:
+        from rich.logging import RichHandler
+
+        handler = RichHandler(console=_stderr_console(), show_path=False, rich_tracebacks=False,
+                              log_time_format="%H:%M:%S")
+    root.addHandler(handler)
+    root.setLevel(level)
+    for noisy in ("sentinelhub", "urllib3", "rasterio", "matplotlib", "alembic", "apscheduler", "PIL"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+# --- shared helpers -------------------------------------------------------------------------
+def _parse_date(text: str) -> datetime:
+    try:
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected an ISO date or datetime (YYYY-MM-DD), got {text!r}") from exc
+    return utc(dt)
+
+
+def _day(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {text!r}") from exc
+
+
+def load(args: argparse.Namespace) -> Any:
+    from railwatch.config import load_settings
+
+    settings = load_settings(Path(args.config) if args.config else None)
+    setup_logging(args.log_level or settings.logging.level, args.log_format or settings.logging.format)
+    return settings
+
+
+def open_store(settings: Any) -> Any:
+    from railwatch.store import Store
+
+    return Store(settings.store.url)
+
+
+def make_provider(settings: Any) -> Any:
+    """The configured imagery provider (one plain mapping from config names to constructors)."""
+    from railwatch.imagery.files import FilesProvider
+
+    kind = settings.imagery.provider
+    if kind == "files":
+        return FilesProvider(settings.imagery.files.root)
+    if kind == "sentinelhub":
+        from railwatch.imagery.sentinelhub import SentinelHubProvider
+
+        return SentinelHubProvider.from_settings(settings)
+    if kind == "stac":
+        from railwatch.imagery.stac import StacProvider
+
+        return StacProvider.from_settings(settings)
+    raise ConfigError([f"[imagery] provider: unknown provider {kind!r}"], source=settings.source)
+
+
+def load_aois(settings: Any, only: str | None = None) -> tuple[list[Aoi], dict[Path, AoiError]]:
+    """Valid AOIs (reporting invalid files), or just ``only``; an unknown id is a usage error."""
+    from railwatch.aoi import load_aoi_dir
+
+    scan = load_aoi_dir(settings.aoi.dir, max_area_km2=settings.aoi.max_area_km2)
+    for path, err in scan.errors.items():
+        log.error("invalid AOI file skipped: %s", err, extra={"aoi": path.stem})
+    for aoi_id, warns in scan.warnings.items():
+        for w in warns:
+            log.warning("AOI %s: %s", aoi_id, w, extra={"aoi": aoi_id})
+    if only is None:
+        return scan.aois, scan.errors
+    chosen = [a for a in scan.aois if a.id == only]
+    if not chosen:
+        bad = {p: e for p, e in scan.errors.items() if p.stem == only}
+        if bad:
+            return [], bad
+        known = ", ".join(sorted(a.id for a in scan.aois)) or "none"
+        raise UsageError(f"no AOI {only!r} in {settings.aoi.dir} (known: {known})")
+    return chosen, {}
+
+
+# --- commands -------------------------------------------------------------------------------
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from railwatch.config import masked_dump
+
+    settings = load(args)
+    data = masked_dump(settings)
+    data["source"] = settings.source
+    if args.format == "json":
+        emit(data, "json")
+    else:
+        import tomllib  # noqa: F401  (the output below is TOML-like for people)
+
+        _stdout_console().print(f"# configuration from {settings.source}, secrets masked", markup=False)
+        _print_toml(data)
+    return EXIT_OK
+
+
+def _print_toml(data: dict[str, Any], prefix: str = "") -> None:
+    scalars = {k: v for k, v in data.items() if not isinstance(v, dict) and k != "source"}
+    if scalars:
+        if prefix:
+            print(f"\n[{prefix}]")
+        for k, v in scalars.items():
+            print(f"{k} = {json.dumps(v)}")
+    for k, v in data.items():
+        if isinstance(v, dict):
+            _print_toml(v, f"{prefix}.{k}" if prefix else k)
+
+
+def cmd_aoi_validate(args: argparse.Namespace) -> int:
+    from railwatch.aoi import aoi_summary, load_aoi
+
+    settings = load(args)
+    paths = [Path(p) for p in args.paths] or sorted(Path(settings.aoi.dir).glob("*.geojson"))
+    if not paths:
+        log.error("no AOI files in %s", settings.aoi.dir)
+        return EXIT_FAILED
+    rows = []
+    failed = 0
+    for p in paths:
+        try:
+            aoi, warnings = load_aoi(p, max_area_km2=settings.aoi.max_area_km2)
+            s = aoi_summary(aoi)
+            rows.append({"file": str(p), "id": aoi.id, "valid": True, "area_km2": round(s["area_km2"], 2),
+                         "track_km": round(s["track_km"], 2), "problems": [], "warnings": warnings})
+        except AoiError as exc:
+            failed += 1
+            rows.append({"file": str(p), "id": p.stem, "valid": False, "problems": exc.problems, "warnings": []})
+    if args.format == "table":
+        for r in rows:
+            mark = "[green]valid[/]" if r["valid"] else "[red]INVALID[/]"
+            _stdout_console().print(f"{mark} {r['file']}" + (f"  ({r['area_km2']} km², {r['track_km']} km of track)"
+                                                              if r["valid"] else ""))
+            for prob in r["problems"]:
+                _stdout_console().print(f"    [red]✗[/] {prob}", markup=True, highlight=False)
+            for w in r["warnings"]:
+                _stdout_console().print(f"    [yellow]![/] {w}", markup=True, highlight=False)
+    else:
+        emit(rows, args.format, columns=["file", "id", "valid", "area_km2", "track_km", "problems", "warnings"])
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_aoi_list(args: argparse.Namespace) -> int:
+    from railwatch.aoi import aoi_summary
+
+    settings = load(args)
+    aois, errors = load_aois(settings)
+    rows = []
+    for a in aois:
+        s = aoi_summary(a)
+        rows.append({"id": a.id, "name": a.name, "area_km2": round(s["area_km2"], 2), "track_km": round(s["track_km"], 2),
+                     "sensors": list(a.settings.get("sensors") or settings.imagery.sensors),
+                     "survey": s.get("survey"), "path": str(a.path)})
+    emit(rows, args.format, title="AOIs", columns=["id", "name", "area_km2", "track_km", "sensors", "survey", "path"])
+    return EXIT_FAILED if errors else EXIT_OK
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from railwatch.imagery.synthetic import SurgeSpec, simulate
+
+    settings = load(args)
+    aois, errors = load_aois(settings, args.aoi)
+    if not aois:
+        raise next(iter(errors.values()))
+    surges = [SurgeSpec.parse(s) for s in args.surge] if args.surge else None
+    with progress_bar(f"simulating {args.aoi}", not args.no_progress) as prog:
+        result = simulate(aois[0], Path(args.out), days=args.days, seed=args.seed, start=args.start, end=args.end,
+                          surges=surges, quiet=args.quiet, progress=prog)
+    _stderr_console().print(f"wrote {Path(args.out) / args.aoi} ({_describe_sim(result)})")
+    return EXIT_OK
+
+
+def _describe_sim(result: Any) -> str:
+    counts = getattr(result, "scenes", None) or getattr(result, "counts", None)
+    return f"scenes: {counts}" if counts else "done"
+
+
+def _history_rows(store: Any, aoi_id: str, since: datetime | None = None) -> list[dict[str, Any]]:
+    obs = store.observations(aoi_id, since=since)
+    alerted = {(e.data.get("sensor"), e.acquired) for e in store.events(aoi_id=aoi_id) if e.acquired is not None}
+    rows = []
+    for o in obs:
+        rows.append({
+            "aoi": o.aoi_id,
+            "acquired": iso(o.acquired),
+            "sensor": o.collection,
+            "scene_id": f"{o.collection}_{o.acquired:%Y%m%dT%H%M%SZ}",
+            "status": o.status,
+            "reason": o.reason,
+            "estimated_cars": o.estimated_cars,
+            "estimated_cars_low": o.estimated_cars_low,
+            "estimated_cars_high": o.estimated_cars_high,
+            "baseline_cars": o.metrics.get("baseline_cars"),
+            "threshold_cars": o.metrics.get("threshold_cars"),
+            "activity": o.activity,
+            "clear_fraction": o.clear_fraction,
+            "geometry": o.geometry_key,
+            "alert": bool(o.metrics.get("elevated")) or (o.collection, o.acquired) in alerted,
+            "detector_version": o.detector_version,
+        })
+    return rows
+
+
+HISTORY_COLUMNS = ["acquired", "sensor", "status", "estimated_cars", "estimated_cars_low", "estimated_cars_high",
+                   "baseline_cars", "alert", "reason"]
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    settings = load(args)
+    load_aois(settings, args.aoi)
+    store = open_store(settings)
+    emit(_history_rows(store, args.aoi, args.since), args.format, title=f"history of {args.aoi}",
+         columns=HISTORY_COLUMNS)
+    return EXIT_OK
+
+
+def _alert_rows(store: Any, aoi_id: str | None = None, states: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    rows = []
+    names = {}
+    for a in store.alerts(aoi_id=aoi_id, states=states):
+        rows.append({
+            "id": a.id,
+            "kind": a.kind,
+            "aoi": a.aoi_id,
+            "acquired": iso(a.opened_acquired),
+            "sensor": a.sensor,
+            "state": a.state,
+            "estimated_cars": a.estimated_cars,
+            "estimated_cars_low": a.estimated_cars_low,
+            "estimated_cars_high": a.estimated_cars_high,
+            "peak_cars": a.peak_cars,
+            "baseline_cars": a.baseline_cars,
+            "score": a.score,
+            "sensors": list(a.sensors_seen or []),
+            "escalated": bool(a.escalated),
+            "last_acquired": iso(a.last_acquired),
+            "resolved_at": iso(a.resolved_at),
+            "opened_at": iso(a.opened_at),
+            "notified": not a.suppressed,
+        })
+        names[a.id] = a.aoi_id
+    return rows
+
+
+ALERT_COLUMNS = ["id", "kind", "aoi", "acquired", "sensor", "state", "estimated_cars", "peak_cars", "baseline_cars",
+                 "sensors", "resolved_at"]
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    settings = load(args)
+    store = open_store(settings)
+    states = ["provisional", "confirmed"] if args.open else None
+    emit(_alert_rows(store, args.aoi, states), args.format, title="alerts", columns=ALERT_COLUMNS)
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from railwatch.store import redact_url
+
+    settings = load(args)
+    aois, errors = load_aois(settings)
+    store = open_store(settings)
+    polls = store.poll_states()
+    out_aois = []
+    for a in aois:
+        obs = store.observations(a.id)
+        usable = [o for o in obs if o.usable]
+        last = obs[-1] if obs else None
+        last_ok = usable[-1] if usable else None
+        open_alerts = store.alerts(aoi_id=a.id, states=["provisional", "confirmed"])
+        mine = [p for p in polls if p.aoi_id == a.id]
+        out_aois.append({
+            "aoi": a.id,
+            "name": a.name,
+            "scenes": len(obs),
+            "last_scene": iso(last.acquired) if last else None,
+            "last_scene_sensor": last.collection if last else None,
+            "last_scene_status": last.status if last else None,
+            "last_activity": last_ok.estimated_cars if last_ok else None,
+            "last_activity_at": iso(last_ok.acquired) if last_ok else None,
+            "baseline_cars": last_ok.metrics.get("baseline_cars") if last_ok else None,
+            "open_alerts": [x.id for x in open_alerts],
+            "last_poll": iso(max((p.last_poll_at for p in mine if p.last_poll_at), default=None)),
+            "last_error": next((p.last_error for p in mine if p.last_error), "") or None,
+        })
+    status = {
+        "version": __version__,
+        "store": redact_url(settings.store.url),
+        "provider": settings.imagery.provider,
+        "aois": out_aois,
+        "invalid_aoi_files": {str(p): e.problems for p, e in errors.items()},
+    }
+    if args.format == "json":
+        emit(status, "json")
+    else:
+        emit(out_aois, args.format, title=f"railwatch {__version__} — store {status['store']}",
+             columns=["aoi", "scenes", "last_scene", "last_scene_status", "last_activity", "baseline_cars",
+                      "open_alerts", "last_poll", "last_error"])
+        for p, probs in status["invalid_aoi_files"].items():
+            _stderr_console().print(f"[red]invalid AOI file[/] {p}: {'; '.join(probs)}")
+    return EXIT_OK
+
+
+def _run_aois(settings: Any, aois: list[Aoi], runner: Callable[[Any, Aoi, Callable[[int, int], None]], Any],
+              show_progress: bool) -> tuple[list[Any], int]:
+    """Run every AOI, one failure never stopping the others; returns results and the failure count."""
+    failures = 0
+    results = []
+    for a in aois:
+        with progress_bar(a.id, show_progress) as prog:
+            try:
+                res = runner(settings, a, prog)
+            except CredentialsError:
+                raise
+            except RailwatchError as exc:
+                log.error("AOI %s failed: %s", a.id, exc, extra={"aoi": a.id})
+                failures += 1
+                continue
+        results.append(res)
+        if res.error:
+            failures += 1
+        log.info("AOI %s: %d scene(s) found, %d new %s%s", a.id, res.found, res.new, dict(res.statuses),
+                 f", error: {res.error}" if res.error else "", extra={"aoi": a.id})
+    return results, failures
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from railwatch.monitor import Monitor
+
+    settings = load(args)
+    aois, errors = load_aois(settings, args.aoi)
+    store = open_store(settings)
+    monitor = Monitor(settings, store, make_provider(settings))
+    results, failures = _run_aois(
+        settings, aois,
+        lambda _s, a, prog: monitor.backfill(a, args.since, args.until, notify=args.notify, progress=prog),
+        not args.no_progress,
+    )
+    events = [e for r in results for e in r.events]
+    opened = sum(1 for _, t in events if t == "alert.opened")
+    _stderr_console().print(
+        f"backfill done: {sum(r.new for r in results)} new scene(s) over {len(results)} AOI(s), {opened} alert(s) opened"
+        + ("" if args.notify else " (notifications suppressed; --notify sends them)")
+    )
+    return EXIT_FAILED if failures or errors else EXIT_OK
+
+
+def run_once(settings: Any, store: Any, provider: Any, aois: list[Aoi], show_progress: bool = False) -> int:
+    """One polling pass over every AOI; returns the number of AOIs that failed."""
+    from railwatch.monitor import Monitor
+
+    monitor = Monitor(settings, store, provider)
+    _results, failures = _run_aois(settings, aois, lambda _s, a, prog: monitor.poll(a, progress=prog), show_progress)
+    try:
+        from railwatch.alerts.outbox import dispatch_pending
+    except ImportError:
+        return failures
+    dispatch_pending(store, settings)
+    return failures
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = load(args)
+    store = open_store(settings)
+    provider = make_provider(settings)
+    if args.once:
+        aois, errors = load_aois(settings)
+        failures = run_once(settings, store, provider, aois, not args.no_progress)
+        return EXIT_FAILED if failures or errors else EXIT_OK
+    interval = settings.daemon.poll_interval_minutes * 60
+    log.info("railwatch %s polling every %.0f min (Ctrl-C stops)", __version__, interval / 60)
+    try:
+        while True:
+            aois, _errors = load_aois(settings)
+            run_once(settings, store, provider, aois)
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        log.info("stopped")
+    return EXIT_OK
+
+
+def cmd_provider_test(args: argparse.Namespace) -> int:
+    settings = load(args)
+    kind = settings.imagery.provider
+    problems: list[str] = []
+    if kind == "files":
+        root = Path(settings.imagery.files.root)
+        if not root.is_dir():
+            problems.append(f"[imagery.files] root: {root} is not a folder (create it or run `railwatch simulate`)")
+    elif kind == "sentinelhub":
+        from railwatch.imagery.sentinelhub import check_sentinelhub
+
+        problems = check_sentinelhub(settings)
+    else:
+        make_provider(settings)
+    if problems:
+        for p in problems:
+            _stderr_console().print(f"[red]✗[/] {p}", highlight=False)
+        return EXIT_FAILED
+    _stdout_console().print(f"[green]✓[/] provider {kind!r} is reachable and accepts the configured credentials")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Simulate the shipped Tumangang–Khasan AOI with a surge, backfill it and show what railwatch saw."""
+    from railwatch.config import Settings, load_settings
+    from railwatch.imagery.files import FilesProvider
+    from railwatch.imagery.synthetic import SurgeSpec, simulate
+    from railwatch.monitor import Monitor
+    from railwatch.report import write_chart
+    from railwatch.store import Store
+
+    base = load_settings(Path(args.config) if args.config else None)
+    setup_logging(args.log_level or "WARNING", args.log_format or base.logging.format)
+    out = Path(args.out).resolve()
+    archive = out / "archive"
+    db = out / "railwatch.db"
+    if out.exists():
+        shutil.rmtree(archive, ignore_errors=True)
+        for p in out.glob("railwatch.db*"):
+            p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    settings = Settings.model_validate(base.model_dump(exclude={"secrets", "source"}) | {
+        "store": {"url": f"sqlite:///{db}"},
+        "imagery": base.imagery.model_dump() | {"provider": "files", "files": {"root": archive}},
+    })
+    settings.source = "demo"
+    aois, errors = load_aois(settings, args.aoi)
+    if not aois:
+        raise next(iter(errors.values()))
+    aoi = aois[0]
+    end = date.today() if args.end is None else args.end
+    surge_start = end - timedelta(days=max(12, args.days // 4))
+    surges = [SurgeSpec(surge_start, args.surge_cars, 10)]
+    console = _stderr_console()
+    console.print(f"[bold]railwatch demo[/]: {aoi.name} — simulating {args.days} days of Sentinel-1/-2 scenes "
+                  f"with a surge to ~{args.surge_cars} rail cars from {surge_start}")
+    t0 = time.monotonic()
+    with progress_bar("simulate", not args.no_progress) as prog:
+        simulate(aoi, archive, days=args.days, seed=args.seed, end=end, surges=surges, progress=prog)
+    store = Store(settings.store.url)
+    monitor = Monitor(settings, store, FilesProvider(archive))
+    with progress_bar("backfill", not args.no_progress) as prog:
+        result = monitor.backfill(aoi, notify=False, progress=prog)
+    rows = _history_rows(store, aoi.id)
+    emit(rows, "table", title=f"{aoi.name}: activity per scene", columns=HISTORY_COLUMNS)
+    alerts = _alert_rows(store, aoi.id)
+    emit(alerts, "table", title="alerts", columns=ALERT_COLUMNS)
+    chart = write_chart(out / "activity.png", f"{aoi.name} — estimated rail cars (simulated demo)",
+                        store.observations(aoi.id), store.alerts(aoi_id=aoi.id))
+    elapsed = time.monotonic() - t0
+    console.print(
+        f"\n{result.new} scenes processed in {elapsed:.0f} s: {dict(result.statuses)}; "
+        f"{sum(1 for a in alerts if a['kind'] == 'activity')} alert(s).\n"
+        f"  archive  {archive}/{aoi.id}/  (truth.csv: what was simulated)\n"
+        f"  store    {db}\n"
+        f"  chart    {chart}\n"
+        f"Explore: railwatch --config … history --aoi {aoi.id}, or point [store] url at the demo database."
+    )
+    return EXIT_OK if alerts else EXIT_FAILED
+
+
+# --- parser ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentParser(add_help=False)
+    fmt.add_argument("--format", choices=["table", "json", "csv"], default="table",
+                     help="table for people (default), json (one document on stdout) or csv")
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+    p = argparse.ArgumentParser(prog="railwatch", description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"railwatch {__version__}")
+    p.add_argument("--config", metavar="PATH", help="TOML configuration (default: $RAILWATCH_CONFIG or config/railwatch.toml)")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="override [logging] level")
+    p.add_argument("--log-format", choices=["text", "json"], help="override [logging] format")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    d = sub.add_parser("demo", parents=[quiet], help="simulate a surge at Tumangang–Khasan and detect it (no network)",
+                       description=cmd_demo.__doc__)
+    d.add_argument("--out", default="demo-output", help="working folder of the demo (default: demo-output)")
+    d.add_argument("--aoi", default="tumangang-khasan", help="AOI to simulate (default: tumangang-khasan)")
+    d.add_argument("--days", type=int, default=150, help="days simulated (default: 150)")
+    d.add_argument("--seed", type=int, default=7, help="random seed (default: 7)")
+    d.add_argument("--end", type=_day, help="last simulated day (default: today)")
+    d.add_argument("--surge-cars", type=int, default=73, help="peak rail cars of the surge (default: 73)")
+    d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("config", help="inspect the configuration")
+    csub = c.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    cc = csub.add_parser("check", parents=[fmt], help="validate and print the resolved configuration, secrets masked")
+    cc.set_defaults(func=cmd_config_check)
+
+    a = sub.add_parser("aoi", help="areas of interest")
+    asub = a.add_subparsers(dest="aoi_command", metavar="ACTION", required=True)
+    av = asub.add_parser("validate", parents=[fmt], help="validate AOI files (exit 1 when any is invalid)")
+    av.add_argument("paths", nargs="*", metavar="PATH", help="files to check (default: every file in [aoi] dir)")
+    av.set_defaults(func=cmd_aoi_validate)
+    al = asub.add_parser("list", parents=[fmt], help="list the configured AOIs")
+    al.set_defaults(func=cmd_aoi_list)
+
+    s = sub.add_parser("simulate", parents=[quiet], help="write a realistic simulated archive for an AOI",
+                       description="Write <out>/<aoi-id>/<collection>_<time>.tif scenes with rail cars, clouds, "
+                                   "haze, snow and speckle, plus truth.csv. The detector never reads the truth.")
+    s.add_argument("--aoi", required=True, help="AOI id (a file in [aoi] dir)")
+    s.add_argument("--out", required=True, help="archive root to write")
+    s.add_argument("--days", type=int, default=365, help="days to simulate (default 365)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--start", type=_day, help="first day (default: so that the period ends today)")
+    s.add_argument("--end", type=_day, help="last day (default: today)")
+    s.add_argument("--surge", action="append", metavar="DATE:CARS[:DAYS]",
+                   help="a surge starting DATE peaking at CARS cars (repeatable; default: one random surge)")
+    s.add_argument("--quiet", action="store_true", help="no surge at all (a quiet period)")
+    s.set_defaults(func=cmd_simulate)
+
+    b = sub.add_parser("backfill", parents=[quiet], help="process all scenes in a period (alerts recorded, not sent)")
+    b.add_argument("--aoi", help="only this AOI (default: all)")
+    b.add_argument("--since", type=_parse_date, help="first acquisition date (default: mission start)")
+    b.add_argument("--until", type=_parse_date, help="last acquisition date (default: now)")
+    b.add_argument("--notify", action="store_true", help="also notify subscribers of alerts opened by this backfill")
+    b.set_defaults(func=cmd_backfill)
+
+    r = sub.add_parser("run", parents=[quiet], help="poll for new imagery (daemon), or one pass with --once")
+    r.add_argument("--once", action="store_true", help="one polling pass over all AOIs, then exit")
+    r.set_defaults(func=cmd_run)
+
+    h = sub.add_parser("history", parents=[fmt], help="one row per scene of an AOI")
+    h.add_argument("--aoi", required=True)
+    h.add_argument("--since", type=_parse_date)
+    h.set_defaults(func=cmd_history)
+
+    al2 = sub.add_parser("alerts", parents=[fmt], help="alerts, newest last")
+    al2.add_argument("--aoi")
+    al2.add_argument("--open", action="store_true", help="only open alerts")
+    al2.set_defaults(func=cmd_alerts)
+
+    st = sub.add_parser("status", parents=[fmt], help="per AOI: last scene, activity, baseline, open alerts")
+    st.set_defaults(func=cmd_status)
+
+    pv = sub.add_parser("provider", help="the imagery provider")
+    psub = pv.add_subparsers(dest="provider_command", metavar="ACTION", required=True)
+    pt = psub.add_parser("test", help="check the provider's endpoints and credentials")
+    pt.set_defaults(func=cmd_provider_test)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
+        return int(exc.code or 0)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"railwatch: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:
+        print(f"railwatch: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except AoiError as exc:
+        print(f"railwatch: invalid AOI: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except CredentialsError as exc:
+        print(f"railwatch: credentials refused: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except StoreError as exc:
+        print(f"railwatch: store error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except RailwatchError as exc:
+        print(f"railwatch: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130

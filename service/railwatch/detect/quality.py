@@ -1,0 +1,128 @@
+"""Scene quality on the AOI's track pixels (not on the whole scene).
+
+Sentinel-2 uses the L2A scene classification (SCL); Sentinel-1 only needs valid data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+# ESA Sentinel-2 L2A scene classification codes.
+SCL_NODATA = 0
+SCL_SATURATED = 1
+SCL_DARK = 2
+SCL_CLOUD_SHADOW = 3
+SCL_VEGETATION = 4
+SCL_NOT_VEGETATED = 5
+SCL_WATER = 6
+SCL_UNCLASSIFIED = 7
+SCL_CLOUD_MEDIUM = 8
+SCL_CLOUD_HIGH = 9
+SCL_CIRRUS = 10
+SCL_SNOW = 11
+
+OPTICAL_BANDS = ("B02", "B03", "B04", "B08")
+#: Without SCL (e.g. L1C), a pixel this bright in blue and red (reflectance) counts as cloud or snow.
+NO_SCL_BRIGHT = 0.30
+
+
+@dataclass(frozen=True)
+class Quality:
+    """What part of the track pixels is usable, and the resulting status."""
+
+    status: str
+    reason: str
+    clear: npt.NDArray[np.bool_]  # usable pixels on the whole grid
+    fractions: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def clear_fraction(self) -> float:
+        return 1.0 - self.fractions.get("bad", 0.0)
+
+
+def _frac(mask: npt.NDArray[np.bool_], track: npt.NDArray[np.bool_], n: int) -> float:
+    return float(np.count_nonzero(mask & track)) / n if n else 0.0
+
+
+def optical_quality(
+    bands: dict[str, npt.NDArray[np.generic]],
+    track: npt.NDArray[np.bool_],
+    *,
+    nodata_fraction: float,
+    snow_fraction: float,
+    cloudy_fraction: float,
+    partial_fraction: float,
+) -> Quality:
+    """Classify a Sentinel-2 scene by what covers its track pixels.
+
+    Order of precedence: nodata, snow, cloudy (cloud, cirrus, shadow, saturation), then
+    ``partial`` when more than ``partial_fraction`` of the track is unusable, else ``ok``.
+    Without an SCL band, zeros are nodata and very bright pixels count as cloud/snow.
+    """
+    n = int(np.count_nonzero(track))
+    if n == 0:
+        return Quality("nodata", "no track pixels on this grid", np.zeros(track.shape, bool), {"bad": 1.0})
+    nodata = np.zeros(track.shape, bool)
+    for b in OPTICAL_BANDS:
+        if b in bands:
+            nodata |= bands[b] == 0
+    if "SCL" in bands:
+        scl = np.asarray(bands["SCL"])
+        nodata |= scl == SCL_NODATA
+        cloud = np.isin(scl, (SCL_CLOUD_MEDIUM, SCL_CLOUD_HIGH, SCL_CIRRUS))
+        shadow = scl == SCL_CLOUD_SHADOW
+        snow = scl == SCL_SNOW
+        saturated = scl == SCL_SATURATED
+        note = ""
+    else:
+        blue = np.asarray(bands["B02"], np.float32) / 10000.0
+        red = np.asarray(bands["B04"], np.float32) / 10000.0
+        bright = (blue > NO_SCL_BRIGHT) & (red > NO_SCL_BRIGHT) & ~nodata
+        cloud, shadow, snow, saturated = bright, np.zeros_like(bright), np.zeros_like(bright), np.zeros_like(bright)
+        note = " (no SCL band: brightness cloud test)"
+    obscured = cloud | shadow | saturated
+    bad = nodata | obscured | snow
+    fr = {
+        "nodata": _frac(nodata, track, n),
+        "cloud": _frac(cloud & ~nodata, track, n),
+        "shadow": _frac(shadow & ~nodata, track, n),
+        "snow": _frac(snow & ~nodata, track, n),
+        "saturated": _frac(saturated & ~nodata, track, n),
+        "bad": _frac(bad, track, n),
+    }
+    clear = ~bad
+    obscured_frac = fr["cloud"] + fr["shadow"] + fr["saturated"]
+    if fr["nodata"] > nodata_fraction:
+        return Quality("nodata", f"{fr['nodata']:.0%} of track pixels without data{note}", clear, fr)
+    if fr["snow"] > snow_fraction:
+        return Quality("snow", f"{fr['snow']:.0%} of track pixels under snow{note}", clear, fr)
+    if obscured_frac > cloudy_fraction:
+        return Quality("cloudy", f"{obscured_frac:.0%} of track pixels under cloud or shadow{note}", clear, fr)
+    if fr["bad"] > cloudy_fraction:
+        return Quality("cloudy", f"{fr['bad']:.0%} of track pixels unusable (cloud, snow, no data){note}", clear, fr)
+    if fr["bad"] > partial_fraction:
+        return Quality("partial", f"estimated on the clear {1 - fr['bad']:.0%} of the track{note}", clear, fr)
+    return Quality("ok", note.strip(" ()"), clear, fr)
+
+
+def radar_quality(
+    bands: dict[str, npt.NDArray[np.generic]], track: npt.NDArray[np.bool_], *, nodata_fraction: float,
+    partial_fraction: float,
+) -> Quality:
+    """Sentinel-1: only missing data (NaN or 0 in VV or VH) makes track pixels unusable."""
+    n = int(np.count_nonzero(track))
+    if n == 0:
+        return Quality("nodata", "no track pixels on this grid", np.zeros(track.shape, bool), {"bad": 1.0})
+    nodata = np.zeros(track.shape, bool)
+    for b in ("VV", "VH"):
+        v = np.asarray(bands[b])
+        nodata |= ~np.isfinite(v) | (v <= 0)
+    fr = {"nodata": _frac(nodata, track, n), "bad": _frac(nodata, track, n)}
+    if fr["nodata"] > nodata_fraction:
+        return Quality("nodata", f"{fr['nodata']:.0%} of track pixels without data", ~nodata, fr)
+    if fr["bad"] > partial_fraction:
+        return Quality("partial", f"estimated on the valid {1 - fr['bad']:.0%} of the track", ~nodata, fr)
+    return Quality("ok", "", ~nodata, fr)

@@ -1,0 +1,339 @@
+"""One AOI end to end: search -> fetch -> detect -> decide -> record.
+
+Knows only the provider protocol, the store and the pure detector/baseline; the CLI and the
+daemon call :meth:`Monitor.poll` (new scenes in the look-back window) or :meth:`Monitor.backfill`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from railwatch.analysis import AoiContext, Prepared, analyse, geometry_key, prepare
+from railwatch.baseline import CONFIRMED, ESCALATED, OPENED, RESOLVED, Decision, OpenAlert, compute_baseline, decide, history_for
+from railwatch.clock import Clock, SystemClock
+from railwatch.config import DetectorSettings, Settings, effective_detector
+from railwatch.domain import Aoi, Observation, SceneRef, utc
+from railwatch.errors import CredentialsError, ProviderError, ProviderUnavailable, QuotaExceeded, SceneUnreadable
+from railwatch.imagery.base import ImageryProvider
+from railwatch.store import AlertEventRow, AlertRow, Store
+
+log = logging.getLogger(__name__)
+
+#: Earliest date a backfill searches from by default (Sentinel-1A's first data).
+MISSION_START = datetime(2014, 10, 1, tzinfo=UTC)
+
+EventHook = Callable[[Session, AlertEventRow, AlertRow, Aoi, bool], None]
+
+
+@dataclass
+class AoiResult:
+    """What one pass over one AOI did."""
+
+    aoi_id: str
+    found: int = 0
+    new: int = 0
+    statuses: Counter[str] = field(default_factory=Counter)
+    events: list[tuple[int, str]] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _default_event_hook() -> EventHook | None:
+    """The delivery outbox, when the alerts package provides it."""
+    try:
+        from railwatch.alerts.outbox import enqueue
+    except ImportError:
+        return None
+
+    def hook(s: Session, ev: AlertEventRow, alert: AlertRow, aoi: Aoi, suppressed: bool) -> None:
+        enqueue(s, ev, alert, aoi, suppressed=suppressed)
+
+    return hook
+
+
+class Monitor:
+    """Runs the pipeline for AOIs against one provider and one store."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        provider: ImageryProvider,
+        *,
+        clock: Clock | None = None,
+        event_hook: EventHook | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.provider = provider
+        self.clock = clock or SystemClock()
+        self.event_hook = event_hook if event_hook is not None else _default_event_hook()
+        self._contexts: dict[str, AoiContext] = {}
+        self._prepared: OrderedDict[tuple[str, str, datetime], Prepared] = OrderedDict()
+
+    # --- entry points -----------------------------------------------------------------------
+    def poll(self, aoi: Aoi, *, progress: Callable[[int, int], None] | None = None) -> AoiResult:
+        """New scenes in the look-back window (late-published scenes are not lost), notifying."""
+        now = self.clock.now()
+        since = now - timedelta(days=self.settings.imagery.lookback_days)
+        return self.run(aoi, since, now, suppressed=False, progress=progress)
+
+    def backfill(
+        self,
+        aoi: Aoi,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        *,
+        notify: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> AoiResult:
+        """Every scene in [since, until]; alerts are recorded, their deliveries suppressed unless notify."""
+        return self.run(aoi, since or MISSION_START, until or self.clock.now(), suppressed=not notify, progress=progress)
+
+    def run(
+        self,
+        aoi: Aoi,
+        since: datetime,
+        until: datetime,
+        *,
+        suppressed: bool,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> AoiResult:
+        result = AoiResult(aoi.id)
+        sensors = list(aoi.settings.get("sensors") or self.settings.imagery.sensors)
+        try:
+            refs = self.provider.search(aoi, utc(since), utc(until), sensors)
+        except ProviderError as exc:
+            result.error = str(exc)
+            self._record_poll(aoi, sensors, error=result.error)
+            if isinstance(exc, CredentialsError):
+                raise
+            log.warning("search failed for AOI %s: %s", aoi.id, exc, extra={"aoi": aoi.id})
+            return result
+        result.found = len(refs)
+        try:
+            self.process(aoi, refs, result, suppressed=suppressed, progress=progress)
+        except (ProviderUnavailable, QuotaExceeded) as exc:
+            result.error = str(exc)
+            log.warning("AOI %s stopped: %s", aoi.id, exc, extra={"aoi": aoi.id})
+        self._record_poll(aoi, sensors, error=result.error, refs=refs)
+        return result
+
+    # --- the pipeline -----------------------------------------------------------------------
+    def process(
+        self,
+        aoi: Aoi,
+        refs: Sequence[SceneRef],
+        result: AoiResult,
+        *,
+        suppressed: bool,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Observe every scene of ``refs`` not yet observed, in time order, and decide alerts."""
+        cfg = effective_detector(self.settings, aoi.settings.get("detector"))
+        observed = self.store.observed_keys(aoi.id)
+        new = sorted(
+            (r for r in refs if (r.collection, utc(r.acquired)) not in observed),
+            key=lambda r: (utc(r.acquired), r.collection),
+        )
+        result.new = len(new)
+        if not new:
+            return
+        ctx = self._context(aoi)
+        history = self.store.observations(aoi.id)
+        sources = self.store.scene_sources(aoi.id)
+        calibration = self.store.calibrations(aoi.id)
+        for i, ref in enumerate(new):
+            ref = replace(ref, acquired=utc(ref.acquired))
+            obs = self._observe(ctx, ref, history, sources, cfg, calibration)
+            with self.store.session() as s:
+                self.store.record_scene(s, ref)
+                obs, events = self._decide_and_record(s, aoi, obs, history, cfg, suppressed)
+            history.append(obs)
+            sources[(ref.collection, ref.acquired)] = ref.source
+            result.statuses[obs.status] += 1
+            result.events.extend(events)
+            log.info(
+                "scene %s %s: %s%s", aoi.id, ref.scene_id, obs.status,
+                f", {obs.estimated_cars:.1f} cars" if obs.estimated_cars is not None else "",
+                extra={"aoi": aoi.id, "scene": ref.scene_id},
+            )
+            if progress:
+                progress(i + 1, len(new))
+
+    def _context(self, aoi: Aoi) -> AoiContext:
+        ctx = self._contexts.get(aoi.id)
+        if ctx is None or ctx.aoi != aoi:
+            ctx = AoiContext.build(aoi)
+            self._contexts[aoi.id] = ctx
+        return ctx
+
+    def _load(self, ctx: AoiContext, ref: SceneRef, cfg: DetectorSettings) -> Prepared:
+        key = (ctx.aoi.id, ref.collection, utc(ref.acquired))
+        hit = self._prepared.get(key)
+        if hit is not None:
+            self._prepared.move_to_end(key)
+            return hit
+        prepared = prepare(ctx, ref, self.provider.fetch(ctx.aoi, ref), cfg)
+        self._prepared[key] = prepared
+        while len(self._prepared) > max(24, 4 * cfg.reference_scenes):
+            self._prepared.popitem(last=False)
+        return prepared
+
+    def _references(
+        self, ctx: AoiContext, ref: SceneRef, gkey: str, history: Sequence[Observation],
+        sources: dict[tuple[str, datetime], str], cfg: DetectorSettings,
+    ) -> list[Prepared]:
+        start = ref.acquired - timedelta(days=cfg.reference_days)
+        earlier = [
+            o for o in history
+            if o.collection == ref.collection and o.geometry_key == gkey and start <= o.acquired < ref.acquired
+            and o.status in ("ok", "partial") and not o.metrics.get("elevated")
+        ][-cfg.reference_scenes:]
+        out: list[Prepared] = []
+        for o in earlier:
+            src = sources.get((o.collection, o.acquired), "")
+            try:
+                out.append(self._load(ctx, SceneRef(ctx.aoi.id, o.collection, o.acquired, src), cfg))
+            except ProviderError as exc:  # a reference that vanished from the archive is skipped
+                log.warning("reference scene %s %s unavailable: %s", ctx.aoi.id, o.acquired, exc)
+        return out
+
+    def _observe(
+        self, ctx: AoiContext, ref: SceneRef, history: Sequence[Observation],
+        sources: dict[tuple[str, datetime], str], cfg: DetectorSettings, calibration: dict[str, Any],
+    ) -> Observation:
+        base = {"aoi_id": ctx.aoi.id, "collection": ref.collection, "acquired": ref.acquired,
+                "geometry_key": geometry_key(ref)}
+        from railwatch.detect import DETECTOR_VERSION
+
+        try:
+            scene = self._load(ctx, ref, cfg)
+        except SceneUnreadable as exc:
+            return Observation(status="unreadable", reason=str(exc), detector_version=DETECTOR_VERSION, **base)
+        except (ProviderUnavailable, QuotaExceeded, CredentialsError):
+            raise
+        except ProviderError as exc:
+            return Observation(status="failed", reason=str(exc), detector_version=DETECTOR_VERSION, **base)
+        refs = self._references(ctx, ref, scene.geometry_key, history, sources, cfg)
+        cal = calibration.get(ref.collection)
+        return analyse(
+            ctx, scene, refs, cfg,
+            scale=cal.scale if cal else 1.0,
+            rel_sigma=cal.log_sigma if cal else None,
+        )
+
+    def _decide_and_record(
+        self, s: Session, aoi: Aoi, obs: Observation, history: Sequence[Observation], cfg: DetectorSettings,
+        suppressed: bool,
+    ) -> tuple[Observation, list[tuple[int, str]]]:
+        baseline = compute_baseline(history_for(obs, history, cfg))
+        row = self.store.open_alert(s, aoi.id)
+        snapshot = None
+        if row is not None:
+            snapshot = OpenAlert(
+                sensor=row.sensor or "",
+                opened_acquired=utc(row.opened_acquired) if row.opened_acquired else obs.acquired,
+                opening_cars=row.opening_cars or 0.0,
+                peak_cars=row.peak_cars or 0.0,
+                state=row.state,
+                escalated=row.escalated,
+                quiet_count=int((row.data or {}).get("quiet_count", 0)),
+            )
+        d = decide(obs, baseline, snapshot, cfg)
+        extra: dict[str, Any] = {"elevated": d.elevated}
+        if d.baseline is not None:
+            extra |= {"baseline_cars": round(d.baseline.level, 2), "baseline_spread": round(d.baseline.spread, 2),
+                      "baseline_n": d.baseline.n}
+        if d.threshold is not None:
+            extra["threshold_cars"] = round(d.threshold, 2)
+        obs = replace(obs, metrics=dict(obs.metrics) | extra)
+        self.store.save_observation(s, obs)
+        events = self._apply(s, aoi, obs, d, row, suppressed)
+        return obs, events
+
+    def _apply(
+        self, s: Session, aoi: Aoi, obs: Observation, d: Decision, row: AlertRow | None, suppressed: bool,
+    ) -> list[tuple[int, str]]:
+        out: list[tuple[int, str]] = []
+        if OPENED in d.events:
+            assert d.baseline is not None
+            row = AlertRow(
+                kind="activity", aoi_id=aoi.id, sensor=obs.collection, geometry_key=obs.geometry_key,
+                state="provisional", opened_acquired=obs.acquired, last_acquired=obs.acquired,
+                opened_at=self.clock.now(), updated_at=self.clock.now(), opening_cars=obs.estimated_cars,
+                estimated_cars=obs.estimated_cars, estimated_cars_low=obs.estimated_cars_low,
+                estimated_cars_high=obs.estimated_cars_high, peak_cars=obs.estimated_cars,
+                baseline_cars=round(d.baseline.level, 2), score=self._score(obs, d),
+                sensors_seen=[obs.collection], passes=1, escalated=False, suppressed=suppressed,
+                data={"quiet_count": 0},
+            )
+            s.add(row)
+            s.flush()
+        if row is None:
+            return out
+        if d.elevated and OPENED not in d.events:
+            row.estimated_cars = obs.estimated_cars
+            row.estimated_cars_low = obs.estimated_cars_low
+            row.estimated_cars_high = obs.estimated_cars_high
+            row.peak_cars = max(row.peak_cars or 0.0, obs.estimated_cars or 0.0)
+            row.last_acquired = obs.acquired
+            row.passes = (row.passes or 0) + 1
+            row.score = max(row.score or 0.0, self._score(obs, d))
+            if obs.collection not in (row.sensors_seen or []):
+                row.sensors_seen = [*(row.sensors_seen or []), obs.collection]
+        if CONFIRMED in d.events:
+            row.state = "confirmed"
+        if ESCALATED in d.events:
+            row.escalated = True
+        if RESOLVED in d.events:
+            row.state = "resolved"
+            row.resolved_at = obs.acquired
+        row.data = dict(row.data or {}) | {"quiet_count": d.quiet_count}
+        row.updated_at = self.clock.now()
+        for ev_type in d.events:
+            data = {
+                "acquired": obs.acquired.isoformat(), "sensor": obs.collection,
+                "estimated_cars": obs.estimated_cars, "estimated_cars_low": obs.estimated_cars_low,
+                "estimated_cars_high": obs.estimated_cars_high, "baseline_cars": row.baseline_cars,
+                "peak_cars": row.peak_cars, "state": row.state,
+            }
+            ev = self.store.add_event(s, row, ev_type, acquired=obs.acquired, data=data, suppressed=suppressed)
+            if ev is None:
+                continue
+            out.append((row.id, ev_type))
+            log.info("alert %s %s for AOI %s (%s)", row.id, ev_type, aoi.id, obs.collection,
+                     extra={"aoi": aoi.id, "alert": row.id})
+            if self.event_hook is not None:
+                self.event_hook(s, ev, row, aoi, suppressed)
+        return out
+
+    @staticmethod
+    def _score(obs: Observation, d: Decision) -> float:
+        if d.baseline is None or obs.estimated_cars is None:
+            return 0.0
+        return round((obs.estimated_cars - d.baseline.level) / d.baseline.spread, 2)
+
+    def _record_poll(self, aoi: Aoi, sensors: Sequence[str], *, error: str | None,
+                     refs: Sequence[SceneRef] = ()) -> None:
+        now = self.clock.now()
+        with self.store.session() as s:
+            for coll in sensors:
+                st = self.store.poll_state(s, aoi.id, coll)
+                st.last_poll_at = now
+                st.last_error = error or ""
+                if error is None:
+                    st.last_success_at = now
+                times = [utc(r.acquired) for r in refs if r.collection == coll]
+                if times and (st.last_scene_acquired is None or max(times) > st.last_scene_acquired):
+                    st.last_scene_acquired = max(times)
