@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from railwatch.config import effective_detector, load_settings, masked_dump
+from railwatch.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "railwatch.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_without_a_file(tmp_path: Path) -> None:
+    s = load_settings(environ={}, cwd=tmp_path)
+    assert s.source == "defaults"
+    assert s.imagery.provider == "files"
+    assert s.aoi.dir == tmp_path / "aoi"
+    assert s.imagery.files.root == tmp_path / "var/archive"
+    assert s.store.url == f"sqlite:///{tmp_path}/var/railwatch.db"
+
+
+def test_required_keys_exist_with_their_names(tmp_path: Path) -> None:
+    p = write(tmp_path, '[aoi]\ndir = "a"\n[imagery]\nprovider = "files"\n[imagery.files]\nroot = "r"\n'
+                        '[store]\nurl = "sqlite:///x.db"\n')
+    s = load_settings(p, environ={}, cwd=tmp_path)
+    assert s.aoi.dir == tmp_path / "a"
+    assert s.imagery.files.root == tmp_path / "r"
+    assert s.store.url == f"sqlite:///{tmp_path}/x.db"
+
+
+def test_env_override_and_unknown_override(tmp_path: Path) -> None:
+    p = write(tmp_path, "[store]\nurl = 'sqlite:///a.db'\n")
+    s = load_settings(p, environ={"RAILWATCH_STORE__URL": "sqlite:////abs/b.db",
+                                  "RAILWATCH_DETECTOR__ALERT_SIGMA": "5.5"}, cwd=tmp_path)
+    assert s.store.url == "sqlite:////abs/b.db"
+    assert s.detector.alert_sigma == 5.5
+    with pytest.raises(ConfigError) as e:
+        load_settings(p, environ={"RAILWATCH_STORE__NOPE": "1"}, cwd=tmp_path)
+    assert "RAILWATCH_STORE__NOPE" in str(e.value)
+
+
+def test_all_errors_reported_together_with_file_and_key(tmp_path: Path) -> None:
+    p = write(tmp_path, '[aoi]\ndirr = "x"\n[imagery]\nprovider = "ftp"\n[detector]\nalert_sigma = "high"\n'
+                        '[imagery.sentinelhub]\nbase_url = "http://example.com"\n')
+    with pytest.raises(ConfigError) as e:
+        load_settings(p, environ={}, cwd=tmp_path)
+    msg = str(e.value)
+    assert str(p) in msg
+    assert len(e.value.problems) == 4
+    assert "[aoi] dirr: unknown key" in msg
+    assert "[imagery] provider" in msg
+    assert "[detector] alert_sigma" in msg
+    assert "[imagery.sentinelhub] base_url" in msg and "https" in msg
+
+
+def test_invalid_toml_and_missing_explicit_file(tmp_path: Path) -> None:
+    p = write(tmp_path, "[aoi\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(p, environ={}, cwd=tmp_path)
+    with pytest.raises(ConfigError, match="file not found"):
+        load_settings(tmp_path / "nope.toml", environ={}, cwd=tmp_path)
+    with pytest.raises(ConfigError, match="file not found"):
+        load_settings(environ={"RAILWATCH_CONFIG": str(tmp_path / "nope.toml")}, cwd=tmp_path)
+
+
+def test_loopback_http_allowed(tmp_path: Path) -> None:
+    p = write(tmp_path, '[imagery.sentinelhub]\nbase_url = "http://127.0.0.1:8080"\ntoken_url = "http://localhost:1/t"\n')
+    s = load_settings(p, environ={}, cwd=tmp_path)
+    assert s.imagery.sentinelhub.base_url == "http://127.0.0.1:8080"
+
+
+def test_secrets_read_from_env_and_masked(tmp_path: Path) -> None:
+    s = load_settings(environ={"RAILWATCH_SENTINELHUB_CLIENT_SECRET": "s3cr3t-value"}, cwd=tmp_path)
+    assert s.secrets["imagery.sentinelhub.client_secret_env"].get_secret_value() == "s3cr3t-value"
+    dumped = masked_dump(s)
+    assert "s3cr3t-value" not in repr(dumped) and "s3cr3t-value" not in repr(s)
+    assert dumped["imagery"]["sentinelhub"]["client_secret"] == "********"
+
+
+def test_aoi_detector_overrides(tmp_path: Path) -> None:
+    s = load_settings(environ={}, cwd=tmp_path)
+    d = effective_detector(s, {"alert_sigma": 6})
+    assert d.alert_sigma == 6 and d.min_history == s.detector.min_history
+    with pytest.raises(ConfigError, match="nonsense"):
+        effective_detector(s, {"nonsense": 1})
