@@ -1,0 +1,36 @@
+# railwatch daemon image: the same install as `make` (pip install of the package from pyproject.toml).
+FROM python:3.11-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    RAILWATCH_CONFIG=/etc/railwatch/railwatch.toml
+
+# Non-root user that owns only the state folder.
+RUN groupadd --system --gid 10001 railwatch \
+    && useradd --system --uid 10001 --gid railwatch --home-dir /var/lib/railwatch --create-home railwatch
+
+WORKDIR /opt/railwatch
+COPY pyproject.toml README.md ./
+COPY service ./service
+# rasterio, shapely and pyproj ship manylinux wheels with GDAL/GEOS/PROJ inside: no apt packages needed.
+RUN pip install --no-cache-dir .
+
+COPY config/railwatch.toml /etc/railwatch/railwatch.toml
+COPY aoi /etc/railwatch/aoi
+
+# Relative paths in the config resolve against the working directory: state lives in the volume.
+WORKDIR /var/lib/railwatch
+ENV RAILWATCH_AOI__DIR=/etc/railwatch/aoi \
+    RAILWATCH_IMAGERY__FILES__ROOT=/var/lib/railwatch/archive \
+    RAILWATCH_STORE__URL=sqlite:////var/lib/railwatch/railwatch.db
+VOLUME ["/etc/railwatch", "/var/lib/railwatch"]
+USER 10001:10001
+
+# Placeholder until the daemon serves /healthz on [daemon] listen: the store must open.
+HEALTHCHECK --interval=60s --timeout=10s --start-period=30s --retries=3 \
+    CMD ["railwatch", "status", "--format", "json"]
+
+ENTRYPOINT ["railwatch"]
+CMD ["run"]
