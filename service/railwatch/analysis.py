@@ -43,9 +43,11 @@ class AoiContext:
     metres_per_pixel: float
 
     @classmethod
-    def build(cls, aoi: Aoi) -> AoiContext:
+    def build(cls, aoi: Aoi, half_width_m: float | None = None) -> AoiContext:
+        """Masks on the AOI grid; ``half_width_m`` is the config default, the AOI's own setting wins."""
         grid = aoi_grid(aoi)
-        track = aoi_mod.track_mask(aoi, grid.crs, grid.transform, grid.shape)
+        width = aoi.settings.get("track_half_width_m", half_width_m)
+        track = aoi_mod.track_mask(aoi, grid.crs, grid.transform, grid.shape, half_width_m=width)
         inside = aoi_mod.aoi_mask(aoi, grid.crs, grid.transform, grid.shape)
         near_track = ndimage.binary_dilation(track, iterations=2)
         n = int(track.sum())

@@ -174,7 +174,7 @@ class Monitor:
     def _context(self, aoi: Aoi) -> AoiContext:
         ctx = self._contexts.get(aoi.id)
         if ctx is None or ctx.aoi != aoi:
-            ctx = AoiContext.build(aoi)
+            ctx = AoiContext.build(aoi, self.settings.aoi.track_half_width_m)
             self._contexts[aoi.id] = ctx
         return ctx
 
