@@ -1,0 +1,297 @@
+"""The local scene archive: a public, documented GeoTIFF layout (see docs/archive.md).
+
+    <root>/<aoi-id>/<collection>_<YYYYMMDDTHHMMSSZ>.tif
+
+Sentinel-2 L2A files carry uint16 bands described ``B02``, ``B03``, ``B04``, ``B08`` (reflectance
+x 10000, 0 = nodata) and ``SCL`` (ESA scene classification); Sentinel-1 GRD files carry float32
+bands ``VV`` and ``VH`` (linear sigma0, NaN or 0 = nodata) and, where known, the tags
+``ORBIT_DIRECTION`` and ``RELATIVE_ORBIT``. The simulator writes this layout and the network
+providers cache their downloads in it, so one reader serves them all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from railwatch.domain import S1, S2, TIME_FORMAT, Raster, SceneRef, utc
+from railwatch.errors import SceneUnreadable
+
+log = logging.getLogger(__name__)
+
+#: Bands every scene of a collection must carry, in the order they are written.
+REQUIRED_BANDS: Mapping[str, tuple[str, ...]] = {
+    S2: ("B02", "B03", "B04", "B08", "SCL"),
+    S1: ("VV", "VH"),
+}
+#: Accepted on-disk dtypes per collection and band (the first one is what ``write_scene`` writes).
+_S2_DTYPES = ("uint16",)
+_SCL_DTYPES = ("uint16", "uint8")
+_S1_DTYPES = ("float32", "float64")
+#: Highest ESA Sentinel-2 scene classification code (11 = snow or ice).
+MAX_SCL_CODE = 11
+
+ORBIT_DIRECTION_TAG = "ORBIT_DIRECTION"
+RELATIVE_ORBIT_TAG = "RELATIVE_ORBIT"
+ORBIT_DIRECTIONS = ("ascending", "descending")
+
+#: Files that live in an AOI folder without being scenes.
+IGNORED_NAMES = frozenset({"truth.csv", "surges.csv"})
+#: GDAL side-car files next to a scene (statistics, external overviews, masks).
+_SIDECAR_SUFFIXES = (".aux.xml", ".ovr", ".msk")
+
+_TIME_RE = re.compile(r"^\d{8}T\d{6}Z$")
+
+
+def scene_filename(collection: str, acquired: datetime) -> str:
+    """``<collection>_<YYYYMMDDTHHMMSSZ>.tif`` for an acquisition (UTC, to the second)."""
+    if collection not in REQUIRED_BANDS:
+        raise ValueError(f"unknown collection {collection!r}; expected one of {', '.join(REQUIRED_BANDS)}")
+    return f"{collection}_{utc(acquired).strftime(TIME_FORMAT)}.tif"
+
+
+def scene_path(root: Path | str, aoi_id: str, collection: str, acquired: datetime) -> Path:
+    """Where a scene of ``aoi_id`` lives under the archive ``root``."""
+    return Path(root) / aoi_id / scene_filename(collection, acquired)
+
+
+def parse_scene_filename(name: str) -> tuple[str, datetime] | None:
+    """(collection, acquired UTC) from a scene file name, or None if it breaks the naming rule."""
+    return _parse_name(name)[0]
+
+
+def _parse_name(name: str) -> tuple[tuple[str, datetime] | None, str]:
+    """Parse a file name; on failure return (None, why)."""
+    if not name.endswith(".tif"):
+        return None, "not a .tif file (expected <collection>_<YYYYMMDDTHHMMSSZ>.tif)"
+    stem = name[: -len(".tif")]
+    if "_" not in stem:
+        return None, "name does not match <collection>_<YYYYMMDDTHHMMSSZ>.tif"
+    collection, stamp = stem.rsplit("_", 1)
+    if collection not in REQUIRED_BANDS:
+        return None, f"unknown collection {collection!r} (expected {' or '.join(REQUIRED_BANDS)})"
+    if not _TIME_RE.match(stamp):
+        return None, f"acquisition time {stamp!r} is not YYYYMMDDTHHMMSSZ (UTC)"
+    try:
+        acquired = datetime.strptime(stamp, TIME_FORMAT).replace(tzinfo=UTC)
+    except ValueError:
+        return None, f"acquisition time {stamp!r} is not a valid UTC date and time"
+    return (collection, acquired), ""
+
+
+def _ignored(name: str) -> bool:
+    return (
+        name in IGNORED_NAMES
+        or name.startswith(".")
+        or name.endswith((".tmp", "~"))
+        or name.endswith(_SIDECAR_SUFFIXES)
+    )
+
+
+def _orbit_from_tags(tags: Mapping[str, str]) -> tuple[str | None, int | None]:
+    direction = tags.get(ORBIT_DIRECTION_TAG)
+    direction = direction.strip().lower() if direction else None
+    if direction not in ORBIT_DIRECTIONS:
+        direction = None
+    orbit: int | None
+    try:
+        orbit = int(str(tags.get(RELATIVE_ORBIT_TAG, "")).strip())
+    except ValueError:
+        orbit = None
+    return direction, orbit
+
+
+def _header_tags(path: Path) -> dict[str, str]:
+    """The default-domain GeoTIFF tags, read from the header only (no pixels)."""
+    import rasterio
+    from rasterio.errors import RasterioError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with rasterio.open(path) as ds:
+                return dict(ds.tags())
+    except (RasterioError, OSError) as exc:
+        # The scene is still listed: fetching it reports the precise reason.
+        log.debug("cannot read tags of %s: %s", path, exc, extra={"path": str(path)})
+        return {}
+
+
+def list_archive(root: Path | str, aoi_id: str) -> tuple[list[SceneRef], list[tuple[Path, str]]]:
+    """Scenes of one AOI in the archive, sorted by time, and the misnamed files with reasons.
+
+    Sentinel-1 orbit tags are read from each file's header; pixels are not read, so a corrupt
+    file is still listed and reported as unreadable when it is fetched.
+    """
+    folder = Path(root) / aoi_id
+    refs: list[SceneRef] = []
+    problems: list[tuple[Path, str]] = []
+    if not folder.is_dir():
+        return refs, problems
+    for path in sorted(folder.iterdir()):
+        name = path.name
+        if _ignored(name) or path.is_dir():
+            continue
+        parsed, why = _parse_name(name)
+        if parsed is None:
+            problems.append((path, why))
+            continue
+        collection, acquired = parsed
+        direction: str | None = None
+        orbit: int | None = None
+        if collection == S1:
+            direction, orbit = _orbit_from_tags(_header_tags(path))
+        refs.append(SceneRef(aoi_id=aoi_id, collection=collection, acquired=acquired, source=str(path),
+                             orbit_direction=direction, relative_orbit=orbit))
+    refs.sort(key=lambda r: (r.acquired, r.collection))
+    return refs, problems
+
+
+def _fail(path: Path, reason: str) -> SceneUnreadable:
+    return SceneUnreadable(f"{path}: {reason}")
+
+
+def read_scene(path: Path | str, collection: str) -> Raster:
+    """Read and validate one archive scene; raise ``SceneUnreadable`` with the precise reason.
+
+    Bands are found by their GDAL descriptions (case-sensitive). Sentinel-2 bands come back as
+    uint16 (SCL as uint8); Sentinel-1 bands as float32 with nodata (0 or the file's nodata value)
+    as NaN. Tags include ``ORBIT_DIRECTION``/``RELATIVE_ORBIT`` when the file has them.
+    """
+    import rasterio
+    from rasterio.errors import RasterioError
+
+    path = Path(path)
+    if collection not in REQUIRED_BANDS:
+        raise ValueError(f"unknown collection {collection!r}; expected one of {', '.join(REQUIRED_BANDS)}")
+    required = REQUIRED_BANDS[collection]
+    try:
+        with warnings.catch_warnings():
+            # A file without georeferencing warns on open; we report it as a reason instead.
+            warnings.simplefilter("ignore")
+            with rasterio.open(path) as ds:
+                if ds.driver != "GTiff":
+                    raise _fail(path, f"not a GeoTIFF / corrupt: GDAL opened it as {ds.driver}")
+                descriptions = [d or "" for d in ds.descriptions]
+                index: dict[str, int] = {}
+                for i, d in enumerate(descriptions, start=1):
+                    if d in required and d in index:
+                        raise _fail(path, f"band {d} appears twice (bands {index[d]} and {i})")
+                    index.setdefault(d, i)
+                missing = [b for b in required if b not in index]
+                if missing:
+                    found = ", ".join(d for d in descriptions if d) or "no band descriptions"
+                    raise _fail(path, f"missing band(s) {', '.join(missing)} (found: {found})")
+                for b in required:
+                    dtype = ds.dtypes[index[b] - 1]
+                    allowed = _allowed_dtypes(collection, b)
+                    if dtype not in allowed:
+                        raise _fail(path, f"band {b} has dtype {dtype}, expected {' or '.join(allowed)}")
+                if ds.crs is None:
+                    raise _fail(path, "no CRS")
+                if ds.transform.is_identity:
+                    raise _fail(path, "no georeferencing (identity transform)")
+                nodata = ds.nodata
+                data = ds.read([index[b] for b in required])
+                crs, transform = ds.crs, ds.transform
+                tags = dict(ds.tags())
+    except SceneUnreadable:
+        raise
+    except (RasterioError, OSError) as exc:
+        raise _fail(path, f"not a GeoTIFF / corrupt: {exc}") from exc
+
+    bands: dict[str, npt.NDArray[Any]] = {}
+    if collection == S2:
+        for b, arr in zip(required, data, strict=True):
+            if b == "SCL":
+                top = int(arr.max()) if arr.size else 0
+                if top > MAX_SCL_CODE:
+                    raise _fail(path, f"band SCL has codes outside 0..{MAX_SCL_CODE} (e.g. {top})")
+                bands[b] = arr.astype(np.uint8)
+            else:
+                bands[b] = arr.astype(np.uint16, copy=False)
+    else:
+        for b, arr in zip(required, data, strict=True):
+            a = arr.astype(np.float32)
+            a[a == 0] = np.nan
+            if nodata is not None and not np.isnan(nodata):
+                a[a == np.float32(nodata)] = np.nan
+            finite = a[np.isfinite(a)]
+            if finite.size and float(np.median(finite)) < 0:
+                raise _fail(path, f"band {b} looks like decibels (median {float(np.median(finite)):.1f}); "
+                                  "expected linear sigma0 (convert with 10 ** (dB / 10))")
+            bands[b] = a
+    return Raster(bands=bands, crs=crs, transform=transform, tags=tags)
+
+
+def _allowed_dtypes(collection: str, band: str) -> tuple[str, ...]:
+    if collection == S1:
+        return _S1_DTYPES
+    return _SCL_DTYPES if band == "SCL" else _S2_DTYPES
+
+
+def write_scene(
+    root: Path | str,
+    aoi_id: str,
+    collection: str,
+    acquired: datetime,
+    raster: Raster,
+    *,
+    compress: str = "deflate",
+) -> Path:
+    """Write one scene atomically (temporary file in the same folder, then ``os.replace``).
+
+    The required bands come first in contract order, then any others; all share the collection's
+    dtype (uint16 for Sentinel-2, float32 for Sentinel-1). ``raster.tags`` become GeoTIFF tags.
+    """
+    import rasterio
+
+    dest = scene_path(root, aoi_id, collection, acquired)
+    required = REQUIRED_BANDS[collection]
+    missing = [b for b in required if b not in raster.bands]
+    if missing:
+        raise ValueError(f"cannot write {dest.name}: raster lacks band(s) {', '.join(missing)}")
+    names: Sequence[str] = [*required, *(b for b in raster.bands if b not in required)]
+    dtype = "uint16" if collection == S2 else "float32"
+    height, width = raster.shape
+    profile: dict[str, Any] = {
+        "driver": "GTiff", "width": width, "height": height, "count": len(names), "dtype": dtype,
+        "crs": raster.crs, "transform": raster.transform,
+        "nodata": 0 if collection == S2 else float("nan"),
+        "interleave": "band",
+    }
+    if compress and compress.lower() != "none":
+        profile["compress"] = compress
+        profile["predictor"] = 2 if collection == S2 else 3
+    if width >= 256 and height >= 256:
+        # Tiled with 256-pixel blocks: readable by window and convertible to COG without re-encoding.
+        profile.update(tiled=True, blockxsize=256, blockysize=256)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    try:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            for i, b in enumerate(names, start=1):
+                arr = np.asarray(raster.bands[b])
+                if arr.shape != (height, width):
+                    raise ValueError(f"band {b} has shape {arr.shape}, expected {(height, width)}")
+                dst.write(arr.astype(dtype, copy=False), i)
+                dst.set_band_description(i, b)
+            tags = {k: str(v) for k, v in raster.tags.items() if v is not None and k != "AREA_OR_POINT"}
+            if tags:
+                dst.update_tags(**tags)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return dest
