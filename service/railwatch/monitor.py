@@ -48,15 +48,15 @@ class AoiResult:
         return self.error is None
 
 
-def _default_event_hook() -> EventHook | None:
-    """The delivery outbox, when the alerts package provides it."""
+def _default_event_hook(settings: Settings) -> EventHook | None:
+    """The delivery outbox: one delivery row per matching subscriber, in the event's transaction."""
     try:
         from railwatch.alerts.outbox import enqueue
     except ImportError:
         return None
 
     def hook(s: Session, ev: AlertEventRow, alert: AlertRow, aoi: Aoi, suppressed: bool) -> None:
-        enqueue(s, ev, alert, aoi, suppressed=suppressed)
+        enqueue(s, settings, ev, alert, aoi, suppressed=suppressed)
 
     return hook
 
@@ -77,7 +77,7 @@ class Monitor:
         self.store = store
         self.provider = provider
         self.clock = clock or SystemClock()
-        self.event_hook = event_hook if event_hook is not None else _default_event_hook()
+        self.event_hook = event_hook if event_hook is not None else _default_event_hook(settings)
         self._contexts: dict[str, AoiContext] = {}
         self._prepared: OrderedDict[tuple[str, str, datetime], Prepared] = OrderedDict()
 
