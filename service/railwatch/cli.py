@@ -311,17 +311,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     aois, errors = load_aois(settings, args.aoi)
     if not aois:
         raise next(iter(errors.values()))
-    surges = [SurgeSpec.parse(s) for s in args.surge] if args.surge else None
-    with progress_bar(f"simulating {args.aoi}", not args.no_progress) as prog:
-        result = simulate(aois[0], Path(args.out), days=args.days, seed=args.seed, start=args.start, end=args.end,
-                          surges=surges, quiet=args.quiet, progress=prog)
-    _stderr_console().print(f"wrote {Path(args.out) / args.aoi} ({_describe_sim(result)})")
+    try:
+        surges = [SurgeSpec.parse(s) for s in args.surge] if args.surge else None
+        with progress_bar(f"simulating {args.aoi}", not args.no_progress) as prog:
+            result = simulate(aois[0], Path(args.out), days=args.days, seed=args.seed, start=args.start,
+                              end=args.end, surges=surges, quiet=args.quiet, progress=prog)
+    except (ValueError, FileExistsError) as exc:
+        raise UsageError(str(exc)) from exc
+    per_sensor = ", ".join(f"{n} {c}" for c, n in result.scenes_per_sensor.items())
+    episodes = "; ".join(f"surge {e.number}: {e.start}..{e.end} peak {e.peak_cars} cars" for e in result.episodes)
+    _stderr_console().print(f"wrote {result.folder}: {per_sensor} scenes from {result.start} to {result.end}"
+                            + (f"; {episodes}" if episodes else "; no surge"), highlight=False)
     return EXIT_OK
-
-
-def _describe_sim(result: Any) -> str:
-    counts = getattr(result, "scenes", None) or getattr(result, "counts", None)
-    return f"scenes: {counts}" if counts else "done"
 
 
 def _history_rows(store: Any, aoi_id: str, since: datetime | None = None) -> list[dict[str, Any]]:
@@ -515,17 +516,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.once:
         aois, errors = load_aois(settings)
         failures = run_once(settings, store, provider, aois, not args.no_progress)
+        from railwatch.scheduler import watch_freshness
+
+        watch_freshness(settings, store, provider, aois)
         return EXIT_FAILED if failures or errors else EXIT_OK
-    interval = settings.daemon.poll_interval_minutes * 60
-    log.info("railwatch %s polling every %.0f min (Ctrl-C stops)", __version__, interval / 60)
-    try:
-        while True:
-            aois, _errors = load_aois(settings)
-            run_once(settings, store, provider, aois)
-            time.sleep(interval)
-    except KeyboardInterrupt:
-        log.info("stopped")
-    return EXIT_OK
+    from railwatch.scheduler import run_daemon
+
+    return run_daemon(settings, store, provider)
 
 
 def cmd_provider_test(args: argparse.Namespace) -> int:
@@ -578,7 +575,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not aois:
         raise next(iter(errors.values()))
     aoi = aois[0]
-    end = date.today() if args.end is None else args.end
+    end = datetime.now(UTC).date() if args.end is None else args.end
     surge_start = end - timedelta(days=max(12, args.days // 4))
     surges = [SurgeSpec(surge_start, args.surge_cars, 10)]
     console = _stderr_console()
