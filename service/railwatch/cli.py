@@ -589,9 +589,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with progress_bar("backfill", not args.no_progress) as prog:
         result = monitor.backfill(aoi, notify=False, progress=prog)
     rows = _history_rows(store, aoi.id)
-    emit(rows, "table", title=f"{aoi.name}: activity per scene", columns=HISTORY_COLUMNS)
+    short = {"sentinel-2-l2a": "S2", "sentinel-1-grd": "S1"}
+    compact = [{
+        "acquired (UTC)": r["acquired"][:16].replace("T", " "),
+        "sensor": short.get(r["sensor"], r["sensor"]),
+        "status": r["status"],
+        "cars": r["estimated_cars"],
+        "80% interval": (f"{r['estimated_cars_low']:.0f}–{r['estimated_cars_high']:.0f}"
+                         if r["estimated_cars"] is not None else ""),
+        "baseline": r["baseline_cars"],
+        "alert": "ALERT" if r["alert"] else "",
+    } for r in rows]
+    emit(compact, "table", title=f"{aoi.name}: activity per scene")
     alerts = _alert_rows(store, aoi.id)
-    emit(alerts, "table", title="alerts", columns=ALERT_COLUMNS)
+    emit(alerts, "table", title="alerts",
+         columns=["id", "state", "acquired", "sensor", "estimated_cars", "peak_cars", "baseline_cars", "sensors",
+                  "resolved_at"])
+    for a in alerts:
+        _stdout_console().print(
+            f"ALERT #{a['id']} ({a['state']}): {aoi.name} opened by the {a['sensor']} scene of {a['acquired']} — "
+            f"latest {a['estimated_cars']:.0f} cars against a baseline of {a['baseline_cars']:.0f}, peak {a['peak_cars']:.0f}",
+            markup=False, highlight=False,
+        )
     chart = write_chart(out / "activity.png", f"{aoi.name} — estimated rail cars (simulated demo)",
                         store.observations(aoi.id), store.alerts(aoi_id=aoi.id))
     elapsed = time.monotonic() - t0
@@ -601,7 +620,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"  archive  {archive}/{aoi.id}/  (truth.csv: what was simulated)\n"
         f"  store    {db}\n"
         f"  chart    {chart}\n"
-        f"Explore: railwatch --config … history --aoi {aoi.id}, or point [store] url at the demo database."
+        f"Explore it: RAILWATCH_STORE__URL=sqlite:///{db} railwatch history --aoi {aoi.id}",
+        markup=False, highlight=False,
     )
     return EXIT_OK if alerts else EXIT_FAILED
 
