@@ -16,7 +16,7 @@ RESOLUTION_M = 10.0
 
 def utm_epsg(lon: float, lat: float) -> int:
     """EPSG code of the WGS 84 / UTM zone containing (lon, lat)."""
-    zone = min(60, max(1, int(math.floor((lon + 180.0) / 6.0)) + 1))
+    zone = min(60, max(1, math.floor((lon + 180.0) / 6.0) + 1))
     return (32600 if lat >= 0 else 32700) + zone
 
 

@@ -1,7 +1,7 @@
 """initial schema
 
 Revision ID: 0001
-Revises: 
+Revises:
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import sqlalchemy as sa
 from alembic import op
 
 import railwatch.store.models
-
 
 revision = '0001'
 down_revision = None
