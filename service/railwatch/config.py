@@ -176,8 +176,61 @@ class DetectorSettings(_Section):
 
 
 class DaemonSettings(_Section):
-    poll_interval_minutes: float = Field(60.0, gt=0)
+    """``[daemon]``: the ``railwatch run`` scheduler, its health endpoint and the freshness watch (docs/daemon.md)."""
+
+    poll_interval_minutes: float = Field(60.0, gt=0, description="default poll interval of an AOI")
+    jitter_seconds: float = Field(0.0, ge=0, description="default random delay added to each poll")
+    #: ``host:port`` of GET /healthz and /metrics; "" turns the endpoint off.
     listen: str = "127.0.0.1:9466"
+    #: APScheduler job store; "" = its own SQLite file next to a SQLite store (``<store>.jobs.db``),
+    #: or the store's own database when that is PostgreSQL.
+    jobstore_url: str = ""
+    #: Lock file that keeps a second daemon off the store; "" = ``<store>.daemon.lock`` next to a
+    #: SQLite store (PostgreSQL stores are locked with an advisory lock, and this file too when set).
+    lock_path: str = ""
+    workers: int = Field(2, ge=1, le=32, description="AOIs polled at the same time")
+    rescan_seconds: float = Field(300.0, gt=0, description="re-read the AOI folder this often (and on SIGHUP)")
+    shutdown_grace_seconds: float = Field(60.0, ge=0, description="how long running jobs may finish on SIGTERM")
+    dispatch_seconds: float = Field(30.0, gt=0, description="run the delivery outbox this often")
+    #: Expected days between usable scenes per sensor (railwatch.freshness.DEFAULT_REVISIT_DAYS).
+    revisit_days: dict[str, float] = Field(
+        default_factory=lambda: {"sentinel-2-l2a": 5.0, "sentinel-1-grd": 6.0})
+    stale_after_revisits: float = Field(3.0, gt=0, description="revisits without a usable scene before stale")
+    #: ``all``: stale when every sensor of the AOI is overdue; ``any``: when one is.
+    stale_when: Literal["all", "any"] = "all"
+    #: Delete archive scenes older than this many days (never those still needed); unset keeps all.
+    archive_max_age_days: float | None = Field(None, gt=0)
+    retention_hours: float = Field(24.0, gt=0, description="run the archive retention this often")
+    #: Seconds of railwatch time per real second: > 1 only for soaks and demos (a fast clock).
+    time_scale: float = Field(1.0, gt=0)
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        if v == "":
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f'expected "host:port" such as "127.0.0.1:9466" (or "" for none), got {v!r}')
+        return v
+
+    @field_validator("jobstore_url")
+    @classmethod
+    def _jobstore_dialect(cls, v: str) -> str:
+        if v and not re.match(r"^(sqlite|postgresql)(\+\w+)?://", v):
+            raise ValueError("expected an SQLAlchemy URL starting with sqlite:/// or postgresql:// (or \"\")")
+        return v
+
+    @field_validator("revisit_days")
+    @classmethod
+    def _known_revisits(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [k for k in v if k not in COLLECTIONS]
+        if bad:
+            raise ValueError(f"unknown sensor(s) {bad}; expected keys from {list(COLLECTIONS)}")
+        small = [k for k, d in v.items() if not d > 0]
+        if small:
+            raise ValueError(f"revisit days must be > 0 (got {', '.join(f'{k}={v[k]}' for k in small)})")
+        return v
 
 
 class LoggingSettings(_Section):
