@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from railwatch import __version__
-from railwatch.domain import COLLECTIONS, S2, Aoi, iso, utc
+from railwatch.domain import Aoi, iso, utc
 from railwatch.errors import AoiError, ConfigError, CredentialsError, RailwatchError, StoreError
 
 log = logging.getLogger("railwatch")
@@ -153,7 +153,9 @@ def setup_logging(level: str, fmt: str) -> None:
                               log_time_format="%H:%M:%S")
     root.addHandler(handler)
     root.setLevel(level)
-    for noisy in ("sentinelhub", "urllib3", "rasterio", "matplotlib", "alembic", "apscheduler", "PIL"):
+    # httpx logs full URLs at INFO (a webhook URL may carry a token): keep it at WARNING.
+    for noisy in ("sentinelhub", "urllib3", "rasterio", "matplotlib", "alembic", "apscheduler", "PIL", "httpx",
+                  "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
@@ -525,6 +527,47 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_daemon(settings, store, provider)
 
 
+def cmd_deliveries(args: argparse.Namespace) -> int:
+    """List notification deliveries, or send one again now (`deliveries retry ID`)."""
+    from railwatch.alerts.outbox import list_deliveries, retry_delivery
+
+    settings = load(args)
+    store = open_store(settings)
+    if args.action == "retry":
+        if args.id is None:
+            raise UsageError("deliveries retry needs the delivery ID (see `railwatch deliveries`)")
+        info = retry_delivery(store, settings, args.id)
+        emit(info.as_dict(), args.format, title=f"delivery {args.id}",
+             columns=["id", "subscriber", "event", "state", "attempts", "last_error", "next_attempt"])
+        return EXIT_OK if info.state == "delivered" else EXIT_FAILED
+    rows = [d.as_dict() for d in list_deliveries(store, failed_only=args.failed)]
+    emit(rows, args.format, title="deliveries",
+         columns=["id", "subscriber", "event", "aoi_id", "state", "attempts", "last_error", "next_attempt"])
+    return EXIT_OK
+
+
+def cmd_subscribers(args: argparse.Namespace) -> int:
+    """List subscribers, or send each (or one) a clearly marked test notification through the real path."""
+    from railwatch.alerts.outbox import test_subscriber
+
+    settings = load(args)
+    subs = list(settings.subscribers)
+    if args.action == "list":
+        emit([{"name": x.name, "kind": x.kind, "aois": list(getattr(x, "aois", []) or ["*"]),
+               "min_state": getattr(x, "min_state", None), "resolved": getattr(x, "resolved", None)} for x in subs],
+             args.format, title="subscribers", columns=["name", "kind", "aois", "min_state", "resolved"])
+        return EXIT_OK
+    names = [args.name] if args.name else [x.name for x in subs]
+    if not names:
+        raise UsageError("no [[subscribers]] configured")
+    rows = []
+    for name in names:
+        r = test_subscriber(settings, name)
+        rows.append({"subscriber": r.subscriber, "kind": r.kind, "ok": r.ok, "detail": r.detail, "key": r.key})
+    emit(rows, args.format, title="test notifications", columns=["subscriber", "kind", "ok", "detail", "key"])
+    return EXIT_OK if all(r["ok"] for r in rows) else EXIT_FAILED
+
+
 def cmd_provider_test(args: argparse.Namespace) -> int:
     settings = load(args)
     kind = settings.imagery.provider
@@ -701,6 +744,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", parents=[fmt], help="per AOI: last scene, activity, baseline, open alerts")
     st.set_defaults(func=cmd_status)
+
+    dl = sub.add_parser("deliveries", parents=[fmt], help="notification deliveries; `deliveries retry ID` sends one now",
+                        description=cmd_deliveries.__doc__)
+    dl.add_argument("action", nargs="?", choices=["retry"], help="retry: send delivery ID again now")
+    dl.add_argument("id", nargs="?", type=int, help="delivery id (for retry)")
+    dl.add_argument("--failed", action="store_true", help="only retrying and dead deliveries")
+    dl.set_defaults(func=cmd_deliveries)
+
+    sb = sub.add_parser("subscribers", help="email and webhook subscribers", description=cmd_subscribers.__doc__)
+    sbsub = sb.add_subparsers(dest="action", metavar="ACTION", required=True)
+    sbl = sbsub.add_parser("list", parents=[fmt], help="configured subscribers")
+    sbl.set_defaults(func=cmd_subscribers, name=None)
+    sbt = sbsub.add_parser("test", parents=[fmt], help="send a marked test notification and report the result")
+    sbt.add_argument("name", nargs="?", help="subscriber name (default: all)")
+    sbt.set_defaults(func=cmd_subscribers)
 
     pv = sub.add_parser("provider", help="the imagery provider")
     psub = pv.add_subparsers(dest="provider_command", metavar="ACTION", required=True)

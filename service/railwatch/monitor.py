@@ -16,11 +16,27 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from railwatch.analysis import AoiContext, Prepared, analyse, geometry_key, prepare
-from railwatch.baseline import CONFIRMED, ESCALATED, OPENED, RESOLVED, Decision, OpenAlert, compute_baseline, decide, history_for
+from railwatch.baseline import (
+    CONFIRMED,
+    ESCALATED,
+    OPENED,
+    RESOLVED,
+    Decision,
+    OpenAlert,
+    compute_baseline,
+    decide,
+    history_for,
+)
 from railwatch.clock import Clock, SystemClock
 from railwatch.config import DetectorSettings, Settings, effective_detector
 from railwatch.domain import Aoi, Observation, SceneRef, utc
-from railwatch.errors import CredentialsError, ProviderError, ProviderUnavailable, QuotaExceeded, SceneUnreadable
+from railwatch.errors import (
+    CredentialsError,
+    ProviderError,
+    ProviderUnavailable,
+    QuotaExceeded,
+    SceneUnreadable,
+)
 from railwatch.imagery.base import ImageryProvider
 from railwatch.store import AlertEventRow, AlertRow, Store
 
@@ -48,15 +64,24 @@ class AoiResult:
         return self.error is None
 
 
-def _default_event_hook(settings: Settings) -> EventHook | None:
-    """The delivery outbox: one delivery row per matching subscriber, in the event's transaction."""
+def _default_event_hook(settings: Settings, store: Store) -> EventHook | None:
+    """The delivery outbox: one delivery row per matching subscriber, in the event's transaction.
+
+    Notified events (not a backfill's suppressed ones) carry the activity chart for email.
+    """
     try:
         from railwatch.alerts.outbox import enqueue
     except ImportError:
         return None
 
     def hook(s: Session, ev: AlertEventRow, alert: AlertRow, aoi: Aoi, suppressed: bool) -> None:
-        enqueue(s, settings, ev, alert, aoi, suppressed=suppressed)
+        chart = None
+        if not suppressed and any(getattr(sub, "kind", "") == "email" for sub in settings.subscribers):
+            from railwatch.report import activity_chart
+
+            chart = activity_chart(f"{aoi.name} — estimated rail cars", store.observations(aoi.id, session=s),
+                                   [alert])
+        enqueue(s, settings, ev, alert, aoi, suppressed=suppressed, chart_png=chart)
 
     return hook
 
@@ -77,7 +102,7 @@ class Monitor:
         self.store = store
         self.provider = provider
         self.clock = clock or SystemClock()
-        self.event_hook = event_hook if event_hook is not None else _default_event_hook(settings)
+        self.event_hook = event_hook if event_hook is not None else _default_event_hook(settings, store)
         self._contexts: dict[str, AoiContext] = {}
         self._prepared: OrderedDict[tuple[str, str, datetime], Prepared] = OrderedDict()
 
