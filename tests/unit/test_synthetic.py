@@ -502,13 +502,12 @@ def test_simulator_does_not_depend_on_the_detector() -> None:
     assert "railwatch.detect" not in source
 
 
-def test_a_4_by_3_km_aoi_over_120_days_simulates_quickly(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_a_4_by_3_km_aoi_over_120_days(tmp_path: Path) -> None:
+    """Scene counts and grid of a realistic AOI size (its speed is measured in bench/, not here)."""
     aoi = make_aoi("big", width_km=4.0, height_km=3.0)
-    t0 = time.perf_counter()
     res = sy.simulate(aoi, tmp_path, days=120, seed=7, start=date(2024, 5, 1))
-    elapsed = time.perf_counter() - t0
     assert res.scenes_per_sensor[S2] == 24
     assert res.scenes_per_sensor[S1] == 20
     grid = aoi_grid(aoi)
     assert read_scene(res.scenes[0], S2 if S2 in res.scenes[0].name else S1).shape == (grid.height, grid.width)
-    assert elapsed < 20.0, f"120 days of a 4 x 3 km AOI took {elapsed:.1f} s"
