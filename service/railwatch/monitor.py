@@ -136,6 +136,27 @@ class Monitor:
     ) -> AoiResult:
         result = AoiResult(aoi.id)
         sensors = list(aoi.settings.get("sensors") or self.settings.imagery.sensors)
+        self._seed_budget()
+        try:
+            return self._run(aoi, since, until, sensors, result, suppressed=suppressed, progress=progress)
+        finally:
+            self._persist_usage()
+
+    def _seed_budget(self) -> None:
+        """A provider with a monthly budget learns what this store already recorded as spent."""
+        if hasattr(self.provider, "spent_this_month"):
+            month = self.clock.now().strftime("%Y-%m")
+            self.provider.spent_this_month = sum(u.processing_units for u in self.store.usage(month=month))
+
+    def _persist_usage(self) -> None:
+        drain = getattr(self.provider, "drain_usage", None)
+        if drain is not None:
+            self.store.add_usage([tuple(u) for u in drain()])
+
+    def _run(
+        self, aoi: Aoi, since: datetime, until: datetime, sensors: list[str], result: AoiResult, *,
+        suppressed: bool, progress: Callable[[int, int], None] | None,
+    ) -> AoiResult:
         try:
             refs = self.provider.search(aoi, utc(since), utc(until), sensors)
         except ProviderError as exc:
@@ -148,7 +169,10 @@ class Monitor:
         result.found = len(refs)
         try:
             self.process(aoi, refs, result, suppressed=suppressed, progress=progress)
-        except (ProviderUnavailable, QuotaExceeded) as exc:
+        except QuotaExceeded as exc:
+            result.error = f"processing-unit budget spent, polling paused until next month: {exc}"
+            log.warning("AOI %s: %s", aoi.id, result.error, extra={"aoi": aoi.id})
+        except ProviderUnavailable as exc:
             result.error = str(exc)
             log.warning("AOI %s stopped: %s", aoi.id, exc, extra={"aoi": aoi.id})
         self._record_poll(aoi, sensors, error=result.error, refs=refs)

@@ -730,12 +730,16 @@ class _Handler(BaseHTTPRequestHandler):
                 fake.in_flight += 1
                 fake.in_flight_max = max(fake.in_flight_max, fake.in_flight)
         try:
-            try:
-                status, headers, payload = self._route(method, path, body, form)
-            except Exception as exc:  # a bug in the fake shows up as a 500 with its reason
-                status, headers, payload = _json_reply(500, _error(500, "Internal Server Error",
-                                                                   f"fake: {type(exc).__name__}: {exc}", "COMMON_EXCEPTION"))
             fault = fake._take_fault(path) if not path.startswith("/_fake/") else None
+            if fault is not None and fault.kind == "status":
+                # Answered with an error before any processing: nothing rendered, no units spent.
+                status, headers, payload = 0, {}, b""
+            else:
+                try:
+                    status, headers, payload = self._route(method, path, body, form)
+                except Exception as exc:  # a bug in the fake shows up as a 500 with its reason
+                    status, headers, payload = _json_reply(500, _error(
+                        500, "Internal Server Error", f"fake: {type(exc).__name__}: {exc}", "COMMON_EXCEPTION"))
             truncate = corrupt = False
             if fault is not None:
                 if fault.kind == "slow":

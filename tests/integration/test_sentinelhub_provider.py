@@ -512,6 +512,12 @@ def test_cli_backfill_and_run_once_download_each_scene_once(tmp_path: Path, fake
     history = railwatch("history", "--aoi", tumangang.id, "--format", "json", cwd=root, env=env)
     assert history.code == 0, history.err
     assert len(history.json()) == n_s2 + n_s1
+    # Processing units are recorded per AOI and month, as the fake accounted them.
+    status = railwatch("status", "--format", "json", cwd=root, env=env).json()
+    row = next(a for a in status["aois"] if a["aoi"] == tumangang.id)
+    assert abs(row["processing_units_month"] - fake_sh.pu_spent) < 1e-3
+    assert row["requests_month"] >= n_s2 + n_s1
+    assert status["usage"][0]["by_aoi"][tumangang.id]["processing_units"] == pytest.approx(fake_sh.pu_spent, abs=1e-3)
 
     # A new store over the same archive (as after losing the database): every scene is observed
     # again, none is downloaded again.
@@ -538,3 +544,27 @@ def test_cli_wrong_secret_stops_with_exit_1(tmp_path: Path, fake_sh: FakeSentine
     assert secret not in test.out + test.err
     ok = railwatch("provider", "test", cwd=root, env={SECRET_VAR: fake_sh.client_secret})
     assert ok.code == 0, ok.err
+
+
+def test_cli_monthly_budget_pauses_polling(tmp_path: Path, fake_sh: FakeSentinelHub, tumangang: Aoi,
+                                           source_scenes: list[Path]) -> None:
+    from tests.cli_helpers import railwatch
+
+    root = _cli_project(tmp_path, fake_sh)
+    cfg = root / "config" / "railwatch.toml"
+    cfg.write_text(cfg.read_text().replace("timeout_seconds = 20\n", "timeout_seconds = 20\nmonthly_pu_budget = 4.0\n"))
+    env = {SECRET_VAR: fake_sh.client_secret}
+    res = railwatch("backfill", "--aoi", tumangang.id, "--since", "2024-06-01", "--until", "2024-07-01",
+                    "--no-progress", cwd=root, env=env)
+    assert res.code == 1
+    assert "budget" in res.err
+    assert 0 < fake_sh.pu_spent <= 4.0
+    status = railwatch("status", "--format", "json", cwd=root, env=env).json()
+    assert status["budget"]["monthly_pu_budget"] == 4.0
+    row = next(a for a in status["aois"] if a["aoi"] == tumangang.id)
+    assert "budget" in (row["last_error"] or "")
+    # A second pass the same month spends nothing more.
+    spent = fake_sh.pu_spent
+    again = railwatch("run", "--once", "--no-progress", cwd=root, env=env)
+    assert again.code == 1
+    assert fake_sh.pu_spent == spent

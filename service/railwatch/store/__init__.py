@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from railwatch.store.models import (
     CalibrationRow,
     ObservationRow,
     PollStateRow,
+    ProviderUsageRow,
     SceneRow,
 )
 
@@ -35,6 +36,7 @@ __all__ = [
     "CalibrationRow",
     "ObservationRow",
     "PollStateRow",
+    "ProviderUsageRow",
     "SceneRow",
     "Store",
     "redact_url",
@@ -279,6 +281,32 @@ class Store:
         q = select(PollStateRow)
         if aoi_id:
             q = q.where(PollStateRow.aoi_id == aoi_id)
+        with self.session() as s:
+            return list(s.scalars(q))
+
+
+    # --- provider usage (requests, processing units) ------------------------------------------
+    def add_usage(self, rows: Sequence[tuple[str, str, str, int, float]]) -> None:
+        """Add (aoi_id, collection, month, requests, processing_units) to the monthly totals."""
+        if not rows:
+            return
+        with self.session() as s:
+            for aoi_id, collection, month, requests, pu in rows:
+                row = s.get(ProviderUsageRow, (aoi_id, collection, month))
+                if row is None:
+                    row = ProviderUsageRow(aoi_id=aoi_id, collection=collection, month=month, requests=0,
+                                           processing_units=0.0)
+                    s.add(row)
+                row.requests = (row.requests or 0) + int(requests)
+                row.processing_units = (row.processing_units or 0.0) + float(pu)
+                row.updated_at = datetime.now(UTC)
+
+    def usage(self, *, aoi_id: str | None = None, month: str | None = None) -> list[ProviderUsageRow]:
+        q = select(ProviderUsageRow).order_by(ProviderUsageRow.month, ProviderUsageRow.aoi_id)
+        if aoi_id:
+            q = q.where(ProviderUsageRow.aoi_id == aoi_id)
+        if month:
+            q = q.where(ProviderUsageRow.month == month)
         with self.session() as s:
             return list(s.scalars(q))
 

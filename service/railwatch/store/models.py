@@ -123,6 +123,12 @@ class AlertRow(Base):
     escalated: Mapped[bool] = mapped_column(Boolean, default=False)
     suppressed: Mapped[bool] = mapped_column(Boolean, default=False)
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: Analyst feedback (railwatch.triage): confirmed by an analyst ("ack") ...
+    acknowledged_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    ack_note: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: ... or dismissed as a false alarm (state ``dismissed``, closed without a resolution notice).
+    dismissed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    dismissed_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class AlertEventRow(Base):
@@ -208,3 +214,35 @@ class DeliveryRow(Base):
     )
     payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     chart_png: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+
+
+class SilenceRow(Base):
+    """A silence: the AOI keeps recording and opening alerts, but its notifications are suppressed.
+
+    Active while ``starts_at <= now < until`` and not removed; an expired silence simply stops
+    matching (railwatch.triage).
+    """
+
+    __tablename__ = "silences"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    aoi_id: Mapped[str] = mapped_column(String(64), index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    starts_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    until: Mapped[datetime] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=_now)
+    created_by: Mapped[str] = mapped_column(String(64), default="")
+    removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class ProviderUsageRow(Base):
+    """Requests and processing units spent with the imagery provider, per AOI, collection and UTC month."""
+
+    __tablename__ = "provider_usage"
+
+    aoi_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    collection: Mapped[str] = mapped_column(String(32), primary_key=True)
+    month: Mapped[str] = mapped_column(String(7), primary_key=True)  # YYYY-MM
+    requests: Mapped[int] = mapped_column(Integer, default=0)
+    processing_units: Mapped[float] = mapped_column(Float, default=0.0)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=_now)
