@@ -39,9 +39,11 @@ from railwatch.alerts.email import EmailNotifier
 from railwatch.alerts.payload import Delivery, Notifier, digest_payload, event_payload, test_payload
 from railwatch.alerts.subscribers import EmailSubscriber, WebhookSubscriber
 from railwatch.alerts.webhook import WebhookNotifier
+from railwatch.clock import SystemClock
 from railwatch.domain import iso, utc
 from railwatch.errors import ConfigError, DeliveryError
 from railwatch.store.models import AlertEventRow, AlertRow, DeliveryRow
+from railwatch.triage import active_silence
 
 if TYPE_CHECKING:
     from railwatch.config import Settings
@@ -240,6 +242,13 @@ def enqueue(
         session.flush()
     when = utc(now) if now is not None else utc(event_row.created_at or datetime.now(UTC))
     suppressed = suppressed or bool(event_row.suppressed)
+    if not suppressed:  # a silenced AOI records its alerts but notifies no one (railwatch.triage)
+        silence = active_silence(session, alert_row.aoi_id, utc(now) if now is not None else SystemClock().now())
+        if silence is not None:
+            suppressed = True
+            log.info("AOI %s is silenced until %s (silence %d: %s): %s of alert %s not sent", alert_row.aoi_id,
+                     iso(silence.until), silence.id, silence.reason, event_row.type, alert_row.id,
+                     extra={"aoi": alert_row.aoi_id, "alert": alert_row.id})
     already = set(session.scalars(select(DeliveryRow.subscriber).where(DeliveryRow.event_id == event_row.id)))
     told: set[str] | None = None
     rows: list[DeliveryRow] = []
