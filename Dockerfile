@@ -24,7 +24,11 @@ COPY aoi /etc/railwatch/aoi
 WORKDIR /var/lib/railwatch
 ENV RAILWATCH_AOI__DIR=/etc/railwatch/aoi \
     RAILWATCH_IMAGERY__FILES__ROOT=/var/lib/railwatch/archive \
-    RAILWATCH_STORE__URL=sqlite:////var/lib/railwatch/railwatch.db
+    RAILWATCH_STORE__URL=sqlite:////var/lib/railwatch/railwatch.db \
+    RAILWATCH_DAEMON__LISTEN=0.0.0.0:9466 \
+    MALLOC_ARENA_MAX=2
+# Health and Prometheus metrics (the soak showed glibc arenas hold memory without MALLOC_ARENA_MAX).
+EXPOSE 9466
 VOLUME ["/etc/railwatch", "/var/lib/railwatch"]
 USER 10001:10001
 
