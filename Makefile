@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/railwatch demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/python -m pip install --quiet ruff mypy
@@ -29,3 +29,9 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) var demo-output .pytest_cache
+
+# The accuracy benchmark on held-out seeds (not part of `make test`; ~5-10 min on 2 cores).
+# Options: make bench-accuracy ARGS="--split tune" or ARGS="--full" (see bench/accuracy/README.md).
+.PHONY: bench-accuracy
+bench-accuracy: $(STAMP)
+	$(BIN)/python bench/accuracy/run.py $(ARGS)

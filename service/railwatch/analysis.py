@@ -19,7 +19,14 @@ from scipy import ndimage
 from railwatch import aoi as aoi_mod
 from railwatch.config import DetectorSettings
 from railwatch.detect import DETECTOR_VERSION
-from railwatch.detect.change import Change, mean_reference, median_reference, optical_change, radar_change
+from railwatch.detect.change import (
+    Change,
+    optical_change,
+    optical_reference,
+    radar_change,
+    radar_reference,
+    wet_snow_drop_db,
+)
 from railwatch.detect.estimate import estimate_cars
 from railwatch.detect.quality import OPTICAL_BANDS, SCL_WATER, Quality, optical_quality, radar_quality
 from railwatch.domain import S1, S2, Aoi, Observation, Raster, SceneRef
@@ -28,8 +35,12 @@ from railwatch.geo import Grid, aoi_grid
 F32 = npt.NDArray[np.float32]
 #: Below this many earlier clear scenes there is no reference, and so no estimate yet.
 MIN_REFERENCE = 2
-#: Haze score (coherent residual around the track, in noise units) above which a scene is `haze`.
-HAZE_LIMIT = 1.5
+#: A track pixel is a *core* pixel for the optical test when at least this share of it lies inside
+#: the track band: it then sees only the formation (ballast, gravel), not the fields beside it,
+#: whose seasonal change would otherwise look like rolling stock in the mixed pixels.
+CORE_COVERAGE = 0.9
+#: Without enough core pixels (tracks drawn off the formation, a very narrow band) use every track pixel.
+MIN_CORE_SHARE = 0.3
 
 
 @dataclass
@@ -41,6 +52,8 @@ class AoiContext:
     track: npt.NDArray[np.bool_]
     stable: npt.NDArray[np.bool_]
     metres_per_pixel: float
+    core: npt.NDArray[np.bool_] | None = None
+    metres_per_core_pixel: float = 10.0
 
     @classmethod
     def build(cls, aoi: Aoi, half_width_m: float | None = None) -> AoiContext:
@@ -51,8 +64,20 @@ class AoiContext:
         inside = aoi_mod.aoi_mask(aoi, grid.crs, grid.transform, grid.shape)
         near_track = ndimage.binary_dilation(track, iterations=2)
         n = int(track.sum())
-        metres = aoi_mod.track_length_m(aoi) / n if n else 10.0
-        return cls(aoi, grid, track, inside & ~near_track, metres)
+        length = aoi_mod.track_length_m(aoi)
+        metres = length / n if n else 10.0
+        coverage = aoi_mod.track_coverage(aoi, grid.crs, grid.transform, grid.shape, half_width_m=width)
+        core = track & (coverage >= CORE_COVERAGE)
+        if n == 0 or core.sum() < MIN_CORE_SHARE * n:
+            core = track
+        n_core = int(core.sum())
+        return cls(aoi, grid, track, inside & ~near_track, metres, core, length / n_core if n_core else 10.0)
+
+    def detection_mask(self, collection: str) -> tuple[npt.NDArray[np.bool_], float]:
+        """The pixels a sensor's occupancy test runs on, and the metres of centreline per such pixel."""
+        if collection == S2 and self.core is not None:
+            return self.core, self.metres_per_core_pixel
+        return self.track, self.metres_per_pixel
 
 
 @dataclass
@@ -123,7 +148,7 @@ def prepare(ctx: AoiContext, ref: SceneRef, raster: Raster, cfg: DetectorSetting
             q = Quality(q.status, q.reason, q_clear | (ctx.track & q.clear), q.fractions)
     else:
         fb = {b: np.asarray(bands[b], np.float32) for b in ("VV", "VH")}
-        q = radar_quality(fb, ctx.track, nodata_fraction=cfg.nodata_fraction, partial_fraction=cfg.partial_fraction)
+        q = radar_quality(dict(fb), ctx.track, nodata_fraction=cfg.nodata_fraction, partial_fraction=cfg.partial_fraction)
     return Prepared(ref, fb, q, geometry_key(ref, tags))
 
 
@@ -158,39 +183,37 @@ def analyse(
             metrics=metrics,
             **base,
         )
-    track = ctx.track & q.clear
-    change: Change
-    if scene.ref.collection == S2:
-        bands = [b for b in OPTICAL_BANDS if b in scene.bands]
-        reference = median_reference([r.bands for r in refs], bands, [r.quality.clear for r in refs])
-        ref_ok = np.all(np.stack([np.isfinite(reference[b]) for b in bands]), axis=0)
-        stable = ctx.stable & q.clear & ref_ok
-        change = optical_change(scene.bands, reference, track & ref_ok, stable)
-        metrics["haze"] = round(change.haze, 3)
-        if change.haze > HAZE_LIMIT:
+    mask, metres = ctx.detection_mask(scene.ref.collection)
+    if scene.ref.collection == S1:
+        drop = wet_snow_drop_db(scene.bands, [r.bands for r in refs], ctx.stable & q.clear)
+        metrics["backscatter_change_db"] = round(drop, 2)
+        if drop < -cfg.wet_snow_drop_db:
             return Observation(
-                status="haze",
-                reason=f"hazy: the track's surroundings changed coherently ({change.haze:.1f} noise units)",
-                metrics=metrics | _round(change.metrics),
+                status="snow",
+                reason=(f"wet snow: the surroundings are {-drop:.1f} dB darker than in the same-orbit reference "
+                        f"(limit {cfg.wet_snow_drop_db:.1f} dB)"),
+                metrics=metrics,
                 **base,
             )
-    else:
-        reference = mean_reference([r.bands for r in refs], ("VV", "VH"))
-        stable = ctx.stable & q.clear
-        change = radar_change(scene.bands, reference, len(refs), track, stable)
+    change, _reference = scene_change(ctx, scene, refs)
     if change.n_track == 0:
         return Observation(status="nodata", reason="no comparable track pixels", metrics=metrics, **base)
     est = estimate_cars(
         n_occupied=change.n_occupied,
         expected_false=change.expected_false,
         n_usable=change.n_track,
-        n_track=int(ctx.track.sum()),
-        metres_per_pixel=ctx.metres_per_pixel,
+        n_track=int(mask.sum()),
+        metres_per_pixel=metres,
         car_length_m=cfg.car_length_m,
         scale=scale,
         rel_sigma=rel_sigma,
     )
-    metrics |= _round(change.metrics) | {"raw_cars": round(est.raw, 3), "scale": scale}
+    metrics |= _round(change.metrics) | {
+        "raw_cars": round(est.raw, 3),
+        "raw_cars_sd": round(est.count_sd, 3),
+        "scale": scale,
+        "log_sigma": rel_sigma,
+    }
     return Observation(
         status=q.status,
         reason=q.reason,
@@ -201,6 +224,25 @@ def analyse(
         metrics=metrics,
         **base,
     )
+
+
+def scene_change(ctx: AoiContext, scene: Prepared, refs: Sequence[Prepared]) -> tuple[Change, dict[str, F32]]:
+    """The change of a usable scene against its reference scenes, exactly as :func:`analyse` measures
+    it, and the reference itself (in the scene's radiometry for optical, track-normalised for radar).
+
+    Public so that evidence (quicklooks, change maps) shows the very pixels the estimate counted.
+    """
+    mask, _metres = ctx.detection_mask(scene.ref.collection)
+    q = scene.quality
+    track = mask & q.clear
+    stable = ctx.stable & q.clear
+    if scene.ref.collection == S2:
+        reference = optical_reference(scene.bands, [r.bands for r in refs], [r.quality.clear for r in refs], stable)
+        ref_ok = np.all(np.stack([np.isfinite(v) for v in reference.values()]), axis=0)
+        change = optical_change(scene.bands, reference, track & ref_ok, stable & ref_ok, neighbours=mask)
+        return change, reference
+    reference = radar_reference([r.bands for r in refs], track)
+    return radar_change(scene.bands, reference, len(refs), track, stable), reference
 
 
 def _round(d: dict[str, float]) -> dict[str, float]:

@@ -2,21 +2,30 @@
 
 Baseline: median and MAD of the usable estimates of earlier observations of the same sensor and
 (for radar) the same orbit geometry within ``baseline_days``, leaving out observations that were
-themselves elevated, so a surge does not raise its own baseline.
+themselves elevated, so a surge does not raise its own baseline; the median ignores the odd
+outlier, and the spread is floored at counting noise (√(level + 1)) so a very steady history is not
+hair-trigger.
 
 An alert opens when ``estimated_cars`` exceeds
-``level + max(alert_sigma × spread, (alert_ratio − 1) × level, alert_min_cars)`` after at least
-``min_history`` baseline observations. While open it updates (latest and peak), is confirmed by a
-second elevated pass or by the other sensor, escalates once when an estimate reaches
-``escalation_ratio`` × the opening estimate, and resolves after two consecutive usable
-observations back below the midpoint between the baseline and the opening threshold.
+
+    threshold = level + max(alert_sigma × spread, (alert_ratio − 1) × level, alert_min_cars)
+
+after at least ``min_history`` baseline observations, on a scene that saw at least
+``open_min_clear`` of the track (a partial scene's estimate is extrapolated from a part). While
+open it updates (latest and peak), is confirmed by a second elevated pass or by the other sensor,
+escalates once when an estimate reaches ``escalation_ratio`` × the opening estimate, and resolves
+after two usable observations back near the baseline (below ``resolve_ratio`` × baseline or
+halfway to the threshold, whichever is higher). Clouds, snow, haze and missing data never open,
+update or resolve an alert.
+
+:func:`replay` runs the same rule over a whole history in memory (reprocessing, calibration).
 """
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -70,19 +79,32 @@ def history_for(obs: Observation, observations: Sequence[Observation], cfg: Dete
     ]
 
 
-def compute_baseline(history: Sequence[Observation]) -> Baseline | None:
+def compute_baseline(history: Sequence[Observation], clip_sigma: float = 4.0) -> Baseline | None:
+    """Median and spread of the history's estimates, robust to the odd outlier and to earlier surges.
+
+    Elevated observations are already left out. An earlier surge that was not (yet) flagged — too
+    little history when it came — is dropped here: values more than ``clip_sigma`` lower-half
+    spreads above the median (the lower half of the history cannot contain a surge) do not count.
+    """
     vals = [float(o.estimated_cars) for o in history if o.estimated_cars is not None and not o.metrics.get("elevated")]
     if not vals:
         return None
     level = statistics.median(vals)
-    mad = statistics.median([abs(v - level) for v in vals])
-    # Floor the spread at Poisson-like counting noise so a very steady history is not hair-trigger.
+    lower = [level - v for v in vals if v <= level]
+    spread0 = max(1.4826 * statistics.median(lower) if lower else 0.0, (level + 1.0) ** 0.5, 1.0)
+    kept = [v for v in vals if v <= level + clip_sigma * spread0]
+    level = statistics.median(kept)
+    mad = statistics.median([abs(v - level) for v in kept])
     spread = max(1.4826 * mad, (level + 1.0) ** 0.5, 1.0)
     return Baseline(level=level, spread=spread, n=len(vals))
 
 
 def alert_threshold(b: Baseline, cfg: DetectorSettings) -> float:
     return b.level + max(cfg.alert_sigma * b.spread, (cfg.alert_ratio - 1.0) * b.level, cfg.alert_min_cars)
+
+
+def _calm(est: float, b: Baseline, thr: float, cfg: DetectorSettings) -> bool:
+    return est < max(b.level * cfg.resolve_ratio, b.level + 0.5 * (thr - b.level))
 
 
 def decide(obs: Observation, baseline: Baseline | None, alert: OpenAlert | None, cfg: DetectorSettings) -> Decision:
@@ -96,6 +118,11 @@ def decide(obs: Observation, baseline: Baseline | None, alert: OpenAlert | None,
     thr = alert_threshold(baseline, cfg)
     elevated = est > thr
     if alert is None:
+        clear = 1.0 if obs.clear_fraction is None else float(obs.clear_fraction)
+        if elevated and clear < cfg.open_min_clear:
+            return Decision(True, baseline, thr, (), 0,
+                            {"why": f"elevated, but only {clear:.0%} of the track seen (opening needs "
+                                    f"{cfg.open_min_clear:.0%})"})
         return Decision(elevated, baseline, thr, (OPENED,) if elevated else ())
     events: list[str] = []
     if elevated:
@@ -105,8 +132,117 @@ def decide(obs: Observation, baseline: Baseline | None, alert: OpenAlert | None,
         if not alert.escalated and est >= cfg.escalation_ratio * alert.opening_cars:
             events.append(ESCALATED)
         return Decision(True, baseline, thr, tuple(events), 0)
-    calm = est < baseline.level + 0.5 * (thr - baseline.level)
-    quiet = alert.quiet_count + 1 if calm else alert.quiet_count
+    quiet = alert.quiet_count + 1 if _calm(est, baseline, thr, cfg) else alert.quiet_count
     if quiet >= QUIET_TO_RESOLVE:
         return Decision(False, baseline, thr, (RESOLVED,), quiet)
     return Decision(False, baseline, thr, (), quiet)
+
+
+def decision_metrics(d: Decision) -> dict[str, Any]:
+    """What an observation records about its decision (``history`` shows baseline and threshold)."""
+    out: dict[str, Any] = {"elevated": d.elevated}
+    if d.baseline is not None:
+        out |= {"baseline_cars": round(d.baseline.level, 2), "baseline_spread": round(d.baseline.spread, 2),
+                "baseline_n": d.baseline.n}
+    if d.threshold is not None:
+        out["threshold_cars"] = round(d.threshold, 2)
+    return out
+
+
+@dataclass
+class AlertEpisode:
+    """An alert as the rule sees it while replaying a history."""
+
+    sensor: str
+    geometry_key: str
+    opened_acquired: datetime
+    opening: Observation
+    opening_cars: float
+    peak_cars: float
+    latest: Observation
+    baseline_cars: float
+    score: float
+    state: str = "provisional"
+    escalated: bool = False
+    quiet_count: int = 0
+    resolved_at: datetime | None = None
+    sensors: list[str] = field(default_factory=list)
+    passes: int = 1
+    events: list[tuple[str, Observation]] = field(default_factory=list)
+
+    def snapshot(self) -> OpenAlert:
+        return OpenAlert(self.sensor, self.opened_acquired, self.opening_cars, self.peak_cars, self.state,
+                         self.escalated, self.quiet_count)
+
+
+@dataclass(frozen=True)
+class Replay:
+    """Every observation with its decision metrics, and the alert episodes the rule produced."""
+
+    observations: list[Observation]
+    episodes: list[AlertEpisode]
+
+
+class Replayer:
+    """The alert rule run incrementally over a history in memory (no store, no events sent)."""
+
+    def __init__(self, cfg: DetectorSettings) -> None:
+        self.cfg = cfg
+        self.done: list[Observation] = []
+        self.episodes: list[AlertEpisode] = []
+        self.current: AlertEpisode | None = None
+
+    def step(self, obs: Observation) -> Observation:
+        """Decide one observation (later than every one before); returns it with its decision metrics."""
+        base = dict(obs.metrics)
+        for k in ("elevated", "baseline_cars", "baseline_spread", "baseline_n", "threshold_cars"):
+            base.pop(k, None)
+        obs = replace(obs, metrics=base)
+        b = compute_baseline(history_for(obs, self.done, self.cfg))
+        current = self.current
+        d = decide(obs, b, current.snapshot() if current else None, self.cfg)
+        obs = replace(obs, metrics=base | decision_metrics(d))
+        self.done.append(obs)
+        if OPENED in d.events:
+            assert d.baseline is not None and obs.estimated_cars is not None
+            est = float(obs.estimated_cars)
+            current = AlertEpisode(
+                sensor=obs.collection, geometry_key=obs.geometry_key, opened_acquired=obs.acquired, opening=obs,
+                opening_cars=est, peak_cars=est, latest=obs, baseline_cars=round(d.baseline.level, 2),
+                score=round((est - d.baseline.level) / d.baseline.spread, 2), sensors=[obs.collection],
+            )
+            self.current = current
+            self.episodes.append(current)
+        if current is None:
+            return obs
+        if d.elevated and OPENED not in d.events and obs.estimated_cars is not None:
+            current.latest = obs
+            current.peak_cars = max(current.peak_cars, float(obs.estimated_cars))
+            current.passes += 1
+            if d.baseline is not None:
+                current.score = max(current.score, round((obs.estimated_cars - d.baseline.level) / d.baseline.spread, 2))
+            if obs.collection not in current.sensors:
+                current.sensors.append(obs.collection)
+        if CONFIRMED in d.events:
+            current.state = "confirmed"
+        if ESCALATED in d.events:
+            current.escalated = True
+        current.quiet_count = d.quiet_count
+        current.events.extend((e, obs) for e in d.events)
+        if RESOLVED in d.events:
+            current.state = "resolved"
+            current.resolved_at = obs.acquired
+            self.current = None
+        return obs
+
+
+def replay(observations: Sequence[Observation], cfg: DetectorSettings) -> Replay:
+    """Run the baseline and alert rule over a history in time order, in memory.
+
+    Returns the observations with ``elevated``, ``baseline_cars`` and ``threshold_cars`` recomputed
+    and the alert episodes (opened, confirmed, escalated, resolved) the rule yields, so that a
+    reprocessing or a calibration can reconcile the store with them.
+    """
+    r = Replayer(cfg)
+    done = [r.step(o) for o in sorted(observations, key=lambda o: (o.acquired, o.collection))]
+    return Replay(done, r.episodes)

@@ -39,7 +39,9 @@ Start here:
   railwatch backfill --aoi ID          process the archive (or provider) history of one AOI
   railwatch run --once                 one polling pass over every AOI
   railwatch history --aoi ID           one row per scene
-  railwatch alerts                     the alerts
+  railwatch alerts                     the alerts (`alerts ack ID`, `alerts dismiss ID --reason …`)
+  railwatch report --aoi ID            chart, before/after quicklooks, GeoJSON and an HTML page
+  railwatch silence add --aoi ID ...   no notifications for an AOI until a date
   railwatch status                     per AOI: last scene, activity, baseline, open alerts
 
 Configuration: config/railwatch.toml (or --config PATH, or $RAILWATCH_CONFIG); any key can be
@@ -389,6 +391,10 @@ def _alert_rows(store: Any, aoi_id: str | None = None, states: Sequence[str] | N
             "resolved_at": iso(a.resolved_at),
             "opened_at": iso(a.opened_at),
             "notified": not a.suppressed,
+            "acknowledged_at": iso(getattr(a, "acknowledged_at", None)),
+            "ack_note": getattr(a, "ack_note", None),
+            "dismissed_at": iso(getattr(a, "dismissed_at", None)),
+            "dismissed_reason": getattr(a, "dismissed_reason", None),
         })
         names[a.id] = a.aoi_id
     return rows
@@ -399,6 +405,9 @@ ALERT_COLUMNS = ["id", "kind", "aoi", "acquired", "sensor", "state", "estimated_
 
 
 def cmd_alerts(args: argparse.Namespace) -> int:
+    """List alerts; `alerts ack ID [--note …]` confirms one, `alerts dismiss ID --reason …` closes a false alarm."""
+    if args.action is not None:
+        return _alert_feedback(args)
     settings = load(args)
     store = open_store(settings)
     states = ["provisional", "confirmed"] if args.open else None
@@ -406,13 +415,54 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _alert_feedback(args: argparse.Namespace) -> int:
+    """`alerts ack ID [--note …]` (an analyst confirms it) or `alerts dismiss ID --reason …` (a false alarm:
+    closed as `dismissed`, no resolution notice)."""
+    from railwatch.clock import SystemClock
+    from railwatch.triage import acknowledge, dismiss
+
+    if args.id is None:
+        raise UsageError(f"alerts {args.action} needs the alert ID (see `railwatch alerts`)")
+    if args.open or args.aoi:
+        raise UsageError(f"alerts {args.action} takes an alert ID, not --aoi/--open")
+    if args.action == "dismiss":
+        if not (args.reason or "").strip():
+            raise UsageError("alerts dismiss needs --reason \"…\": why is it a false alarm?")
+        if args.note:
+            raise UsageError("alerts dismiss takes --reason, not --note")
+    elif args.reason:
+        raise UsageError("alerts ack takes --note, not --reason")
+    settings = load(args)
+    store = open_store(settings)
+    now = SystemClock().now()
+    try:
+        if args.action == "ack":
+            acknowledge(store, args.id, note=args.note, now=now)
+        else:
+            dismiss(store, args.id, reason=args.reason, now=now)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    row = next(r for r in _alert_rows(store) if r["id"] == args.id)
+    emit(row, args.format, title=f"alert {args.id}",
+         columns=["id", "aoi", "state", "acquired", "estimated_cars", "acknowledged_at", "ack_note", "dismissed_at",
+                  "dismissed_reason"])
+    return EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    from railwatch.clock import SystemClock
     from railwatch.store import redact_url
+    from railwatch.triage import active_silences, feedback_counts
 
     settings = load(args)
     aois, errors = load_aois(settings)
     store = open_store(settings)
     polls = store.poll_states()
+    now = SystemClock().now()
+    month = now.strftime("%Y-%m")
+    usage = store.usage()
+    silences = active_silences(store, now)
+    feedback = feedback_counts(store)
     out_aois = []
     for a in aois:
         obs = store.observations(a.id)
@@ -434,23 +484,54 @@ def cmd_status(args: argparse.Namespace) -> int:
             "open_alerts": [x.id for x in open_alerts],
             "last_poll": iso(max((p.last_poll_at for p in mine if p.last_poll_at), default=None)),
             "last_error": next((p.last_error for p in mine if p.last_error), "") or None,
+            "silenced": a.id in silences,
+            "silenced_until": iso(silences[a.id].until) if a.id in silences else None,
+            "silence": ({"id": silences[a.id].id, "until": iso(silences[a.id].until),
+                         "reason": silences[a.id].reason} if a.id in silences else None),
+            "alerts_acked": feedback.get(a.id, {}).get("acked", 0),
+            "alerts_dismissed": feedback.get(a.id, {}).get("dismissed", 0),
+            "requests_month": sum(u.requests for u in usage if u.aoi_id == a.id and u.month == month),
+            "processing_units_month": round(sum(u.processing_units for u in usage
+                                                if u.aoi_id == a.id and u.month == month), 4),
         })
+    budget = settings.imagery.sentinelhub.monthly_pu_budget
+    spent = sum(u.processing_units for u in usage if u.month == month)
     status = {
         "version": __version__,
         "store": redact_url(settings.store.url),
         "provider": settings.imagery.provider,
         "aois": out_aois,
         "invalid_aoi_files": {str(p): e.problems for p, e in errors.items()},
+        "usage": _usage_by_month(usage),
+        "budget": {"month": month, "monthly_pu_budget": budget, "processing_units_spent": round(spent, 4),
+                   "paused": bool(budget is not None and spent >= budget)},
     }
     if args.format == "json":
         emit(status, "json")
     else:
         emit(out_aois, args.format, title=f"railwatch {__version__} — store {status['store']}",
              columns=["aoi", "scenes", "last_scene", "last_scene_status", "last_activity", "baseline_cars",
-                      "open_alerts", "last_poll", "last_error"])
+                      "open_alerts", "last_poll", "last_error", "silenced_until", "alerts_acked", "alerts_dismissed"])
         for p, probs in status["invalid_aoi_files"].items():
             _stderr_console().print(f"[red]invalid AOI file[/] {p}: {'; '.join(probs)}")
+        if status["usage"]:
+            emit(status["usage"], args.format, title="provider usage per month",
+                 columns=["month", "requests", "processing_units"])
+        if status["budget"]["paused"]:
+            _stderr_console().print(f"[red]processing-unit budget spent[/] for {month}: polling paused until next month")
     return EXIT_OK
+
+
+def _usage_by_month(usage: Sequence[Any]) -> list[dict[str, Any]]:
+    months: dict[str, dict[str, Any]] = {}
+    for u in usage:
+        m = months.setdefault(u.month, {"month": u.month, "requests": 0, "processing_units": 0.0, "by_aoi": {}})
+        m["requests"] += u.requests
+        m["processing_units"] = round(m["processing_units"] + u.processing_units, 4)
+        per = m["by_aoi"].setdefault(u.aoi_id, {"requests": 0, "processing_units": 0.0})
+        per["requests"] += u.requests
+        per["processing_units"] = round(per["processing_units"] + u.processing_units, 4)
+    return list(months.values())
 
 
 def _run_aois(settings: Any, aois: list[Aoi], runner: Callable[[Any, Aoi, Callable[[int, int], None]], Any],
@@ -495,6 +576,64 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         + ("" if args.notify else " (notifications suppressed; --notify sends them)")
     )
     return EXIT_FAILED if failures or errors else EXIT_OK
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Fit the AOI's per-sensor car scale to analysts' counts (CSV `acquired,cars`, ISO date or datetime,
+    UTC) matched to the same day's scenes, and update the estimates already recorded. Alerts already
+    decided are not sent again. Counts accumulate: a later file adds to the earlier ones."""
+    from railwatch.detect.calibrate import CountsError, read_counts
+    from railwatch.monitor import Monitor
+
+    settings = load(args)
+    aois, errors = load_aois(settings, args.aoi)
+    if not aois:
+        raise next(iter(errors.values()))
+    try:
+        counts = read_counts(Path(args.counts))
+    except CountsError as exc:
+        raise UsageError(str(exc)) from exc
+    store = open_store(settings)
+    monitor = Monitor(settings, store, make_provider(settings))
+    report = monitor.calibrate(aois[0], counts)
+    rows = [{"aoi": args.aoi, "sensor": sensor} | info for sensor, info in report["sensors"].items()]
+    if args.format == "json":
+        emit({"aoi": args.aoi, "counts": len(counts), "sensors": report["sensors"],
+              "unmatched": report.get("unmatched", []), "updated_observations": report.get("updated", 0)}, "json")
+    else:
+        emit(rows, args.format, title=f"calibration of {args.aoi}",
+             columns=["aoi", "sensor", "counts", "scale", "log_sigma", "residual_sd", "error"])
+        if report.get("unmatched"):
+            _stderr_console().print(f"{len(report['unmatched'])} count(s) matched no scene of that UTC day: "
+                                    + ", ".join(report["unmatched"]), highlight=False)
+    if not report["sensors"]:
+        _stderr_console().print("no count matched a usable scene: nothing calibrated "
+                                "(counts are matched to scenes of the same UTC day; backfill first)")
+        return EXIT_FAILED
+    return EXIT_FAILED if any("error" in v for v in report["sensors"].values()) else EXIT_OK
+
+
+def cmd_reprocess(args: argparse.Namespace) -> int:
+    """Recompute the recorded observations of an AOI from the archive with the current detector and AOI
+    (after an upgrade or an AOI edit). Alerts already sent are not sent again; alerts or events that only
+    the new results yield are recorded, their notifications suppressed."""
+    from railwatch.detect import DETECTOR_VERSION
+    from railwatch.monitor import Monitor
+
+    settings = load(args)
+    aois, errors = load_aois(settings, args.aoi)
+    if not aois:
+        raise next(iter(errors.values()))
+    store = open_store(settings)
+    monitor = Monitor(settings, store, make_provider(settings))
+    with progress_bar(f"reprocess {args.aoi}", not args.no_progress) as prog:
+        result = monitor.reprocess(aois[0], args.since, progress=prog)
+    opened = sum(1 for _, t in result.events if t == "alert.opened")
+    _stderr_console().print(
+        f"reprocess done: {result.new} of {result.found} observation(s) recomputed with detector {DETECTOR_VERSION} "
+        f"{dict(result.statuses)}; {len(result.events)} new alert event(s) recorded ({opened} opened), "
+        "notifications suppressed" + (f"; error: {result.error}" if result.error else ""), highlight=False)
+    return EXIT_FAILED if result.error else EXIT_OK
 
 
 def run_once(settings: Any, store: Any, provider: Any, aois: list[Aoi], show_progress: bool = False) -> int:
@@ -566,6 +705,66 @@ def cmd_subscribers(args: argparse.Namespace) -> int:
         rows.append({"subscriber": r.subscriber, "kind": r.kind, "ok": r.ok, "detail": r.detail, "key": r.key})
     emit(rows, args.format, title="test notifications", columns=["subscriber", "kind", "ok", "detail", "key"])
     return EXIT_OK if all(r["ok"] for r in rows) else EXIT_FAILED
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write activity.png, quicklook-<alert>.png, changes-<alert>.geojson and report.html for one AOI."""
+    from railwatch.clock import SystemClock
+    from railwatch.evidence import write_report
+
+    settings = load(args)
+    aois, errors = load_aois(settings, args.aoi)
+    if not aois:
+        raise next(iter(errors.values()))
+    store = open_store(settings)
+    out = Path(args.out or Path("reports") / args.aoi)
+    # The provider is made only when a quicklook needs scenes (a chart alone needs no credentials).
+    result = write_report(store, settings, aois[0], out, now=SystemClock().now(), since=args.since,
+                          latest=args.latest)
+    rows = [{"file": str(path), "what": key} for key, path in result.files.items()]
+    if args.format == "json":
+        emit({"aoi": args.aoi, "out": str(out), "files": {k: str(v) for k, v in result.files.items()},
+              "alerts": result.alerts, "problems": result.problems}, "json")
+    else:
+        emit(rows, args.format, title=f"report of {args.aoi}", columns=["what", "file"])
+    for problem in result.problems:
+        log.error("report of %s: %s", args.aoi, problem, extra={"aoi": args.aoi})
+    return EXIT_FAILED if result.problems else EXIT_OK
+
+
+SILENCE_COLUMNS = ["id", "aoi", "state", "starts_at", "until", "reason", "created_by", "removed_at"]
+
+
+def cmd_silence(args: argparse.Namespace) -> int:
+    """Silence an AOI's notifications for a while (it keeps recording and opening alerts), list or remove silences."""
+    import getpass
+
+    from railwatch.clock import SystemClock
+    from railwatch.triage import add_silence, list_silences, remove_silence
+
+    settings = load(args)
+    now = SystemClock().now()
+    if args.action == "add":
+        load_aois(settings, args.aoi)  # an unknown AOI is a usage error
+        store = open_store(settings)
+        try:
+            by = args.by or getpass.getuser()
+        except (KeyError, OSError):  # no user name in a bare container
+            by = ""
+        try:
+            info = add_silence(store, args.aoi, until=args.until, reason=args.reason, now=now, created_by=by)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        emit(info.as_dict(now), args.format, title=f"silence {info.id}", columns=SILENCE_COLUMNS)
+        return EXIT_OK
+    store = open_store(settings)
+    if args.action == "remove":
+        info = remove_silence(store, args.id, now=now)
+        emit(info.as_dict(now), args.format, title=f"silence {info.id} removed", columns=SILENCE_COLUMNS)
+        return EXIT_OK
+    rows = [x.as_dict(now) for x in list_silences(store, now=now, aoi_id=args.aoi, include_inactive=args.all)]
+    emit(rows, args.format, title="silences" if args.all else "silences in force", columns=SILENCE_COLUMNS)
+    return EXIT_OK
 
 
 def cmd_provider_test(args: argparse.Namespace) -> int:
@@ -737,10 +936,41 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--since", type=_parse_date)
     h.set_defaults(func=cmd_history)
 
-    al2 = sub.add_parser("alerts", parents=[fmt], help="alerts, newest last")
+    al2 = sub.add_parser("alerts", parents=[fmt], help="alerts, newest last; `alerts ack ID` / `alerts dismiss ID`",
+                         description=cmd_alerts.__doc__)
+    al2.add_argument("action", nargs="?", choices=["ack", "dismiss"],
+                     help="ack: an analyst confirms alert ID; dismiss: a false alarm, closed without a resolution notice")
+    al2.add_argument("id", nargs="?", type=int, help="alert id (for ack and dismiss)")
     al2.add_argument("--aoi")
     al2.add_argument("--open", action="store_true", help="only open alerts")
+    al2.add_argument("--note", help="ack: what the analyst saw")
+    al2.add_argument("--reason", help="dismiss (required): why it is a false alarm")
     al2.set_defaults(func=cmd_alerts)
+
+    rp = sub.add_parser("report", parents=[fmt], help="activity chart, before/after quicklooks, GeoJSON and an HTML page",
+                        description=cmd_report.__doc__)
+    rp.add_argument("--aoi", required=True, help="AOI id")
+    rp.add_argument("--out", help="folder to write (default: reports/<aoi-id>)")
+    rp.add_argument("--since", type=_parse_date, help="only scenes and alerts from this date")
+    rp.add_argument("--latest", action="store_true", help="quicklook and GeoJSON of the latest alert only")
+    rp.set_defaults(func=cmd_report)
+
+    si = sub.add_parser("silence", help="silence an AOI's notifications for a while", description=cmd_silence.__doc__)
+    sisub = si.add_subparsers(dest="action", metavar="ACTION", required=True)
+    sia = sisub.add_parser("add", parents=[fmt], help="silence an AOI until a date (alerts are still recorded)")
+    sia.add_argument("--aoi", required=True, help="AOI id")
+    sia.add_argument("--until", required=True, type=_parse_date,
+                     help="when the silence lifts by itself (YYYY-MM-DD = 00:00 UTC that day, or a full ISO time)")
+    sia.add_argument("--reason", required=True, help="why (shown in `silence list` and `status`)")
+    sia.add_argument("--by", help="who silenced it (default: the current user)")
+    sia.set_defaults(func=cmd_silence)
+    sil = sisub.add_parser("list", parents=[fmt], help="silences in force (all of them with --all)")
+    sil.add_argument("--aoi", help="only this AOI")
+    sil.add_argument("--all", action="store_true", help="also expired and removed silences")
+    sil.set_defaults(func=cmd_silence)
+    sir = sisub.add_parser("remove", parents=[fmt], help="end a silence now")
+    sir.add_argument("id", type=int, help="silence id (see `silence list`)")
+    sir.set_defaults(func=cmd_silence)
 
     st = sub.add_parser("status", parents=[fmt], help="per AOI: last scene, activity, baseline, open alerts")
     st.set_defaults(func=cmd_status)
@@ -759,6 +989,18 @@ def build_parser() -> argparse.ArgumentParser:
     sbt = sbsub.add_parser("test", parents=[fmt], help="send a marked test notification and report the result")
     sbt.add_argument("name", nargs="?", help="subscriber name (default: all)")
     sbt.set_defaults(func=cmd_subscribers)
+
+    ca = sub.add_parser("calibrate", parents=[fmt], help="fit an AOI's car scale to analysts' counts (CSV acquired,cars)",
+                        description=cmd_calibrate.__doc__)
+    ca.add_argument("--aoi", required=True, help="AOI id")
+    ca.add_argument("counts", metavar="COUNTS.csv", help="CSV with columns acquired,cars (ISO date or datetime, UTC)")
+    ca.set_defaults(func=cmd_calibrate)
+
+    rp = sub.add_parser("reprocess", parents=[quiet], help="recompute an AOI's observations with the current detector",
+                        description=cmd_reprocess.__doc__)
+    rp.add_argument("--aoi", required=True, help="AOI id")
+    rp.add_argument("--since", type=_parse_date, help="first acquisition to recompute (default: all)")
+    rp.set_defaults(func=cmd_reprocess)
 
     pv = sub.add_parser("provider", help="the imagery provider")
     psub = pv.add_subparsers(dest="provider_command", metavar="ACTION", required=True)

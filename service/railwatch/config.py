@@ -172,6 +172,9 @@ class DetectorSettings(_Section):
     alert_min_cars: float = Field(15.0, ge=0, description="absolute floor above the baseline")
     resolve_ratio: float = Field(1.3, ge=1)
     escalation_ratio: float = Field(1.5, gt=1)
+    open_min_clear: float = Field(0.6, ge=0, le=1, description="share of the track a scene must see to open an alert")
+    wet_snow_drop_db: float = Field(
+        3.0, gt=0, description="radar: surroundings this many dB darker than the same-orbit reference = wet snow")
     car_length_m: float = Field(15.0, gt=0)
 
 
@@ -190,7 +193,7 @@ class DaemonSettings(_Section):
     lock_path: str = ""
     workers: int = Field(2, ge=1, le=32, description="AOIs polled at the same time")
     rescan_seconds: float = Field(300.0, gt=0, description="re-read the AOI folder this often (and on SIGHUP)")
-    shutdown_grace_seconds: float = Field(60.0, ge=0, description="how long running jobs may finish on SIGTERM")
+    shutdown_grace_seconds: float = Field(25.0, ge=0, description="how long running jobs may finish on SIGTERM")
     dispatch_seconds: float = Field(30.0, gt=0, description="run the delivery outbox this often")
     #: Expected days between usable scenes per sensor (railwatch.freshness.DEFAULT_REVISIT_DAYS).
     revisit_days: dict[str, float] = Field(

@@ -262,8 +262,8 @@ class Monitor:
         self, ctx: AoiContext, ref: SceneRef, history: Sequence[Observation],
         sources: dict[tuple[str, datetime], str], cfg: DetectorSettings, calibration: dict[str, Any],
     ) -> Observation:
-        base = {"aoi_id": ctx.aoi.id, "collection": ref.collection, "acquired": ref.acquired,
-                "geometry_key": geometry_key(ref)}
+        base: dict[str, Any] = {"aoi_id": ctx.aoi.id, "collection": ref.collection, "acquired": ref.acquired,
+                                "geometry_key": geometry_key(ref)}
         from railwatch.detect import DETECTOR_VERSION
 
         try:
@@ -386,3 +386,219 @@ class Monitor:
                 times = [utc(r.acquired) for r in refs if r.collection == coll]
                 if times and (st.last_scene_acquired is None or max(times) > st.last_scene_acquired):
                     st.last_scene_acquired = max(times)
+
+    # --- reprocessing and calibration ---------------------------------------------------------
+    def reprocess(
+        self, aoi: Aoi, since: datetime | None = None, *, progress: Callable[[int, int], None] | None = None,
+    ) -> AoiResult:
+        """Recompute the recorded observations from ``since`` (default: all) with the current detector.
+
+        Each scene is fetched again (from the archive or the provider cache) and analysed with the
+        current detector, AOI and calibration; analysts' counts kept on the observations carry over
+        and refit the calibration; then the alert rule is replayed over the whole history. Alerts and
+        events already recorded are kept and never recorded or sent again; alerts or events that
+        only the new results yield are recorded suppressed (no notification goes out for the past).
+        """
+        from railwatch.baseline import Replayer
+        from railwatch.detect import DETECTOR_VERSION
+
+        result = AoiResult(aoi.id)
+        cfg = effective_detector(self.settings, aoi.settings.get("detector"))
+        start = utc(since) if since is not None else MISSION_START
+        old = self.store.observations(aoi.id)
+        todo = [o for o in old if o.acquired >= start]
+        result.found = len(todo)
+        ctx = self._context(aoi)
+        scenes = self.store.scene_refs(aoi.id)
+        sources = {k: r.source for k, r in scenes.items()}
+        calibration = self.store.calibrations(aoi.id)
+        replayer = Replayer(cfg)
+        history: list[Observation] = [replayer.step(o) for o in old if o.acquired < start]
+        fresh: list[Observation] = []
+        self._prepared.clear()  # the detector or the AOI changed: nothing cached is trusted
+        for i, o in enumerate(todo):
+            ref = scenes.get((o.collection, o.acquired)) or SceneRef(aoi.id, o.collection, o.acquired)
+            try:
+                new = self._observe(ctx, replace(ref, acquired=utc(ref.acquired)), history, sources, cfg, calibration)
+            except (ProviderUnavailable, QuotaExceeded) as exc:
+                result.error = f"reprocessing stopped at {o.acquired.isoformat()}: {exc}"
+                log.warning("AOI %s: %s", aoi.id, result.error, extra={"aoi": aoi.id})
+                break
+            keep = {k: o.metrics[k] for k in ("analyst_cars",) if k in o.metrics}
+            new = replayer.step(replace(new, metrics=dict(new.metrics) | keep))
+            history.append(new)
+            fresh.append(new)
+            result.statuses[new.status] += 1
+            if progress:
+                progress(i + 1, len(todo))
+        result.new = len(fresh)
+        with self.store.session() as s:
+            self.store.save_observations(s, fresh)
+        log.info("AOI %s: %d observation(s) recomputed with detector %s", aoi.id, len(fresh), DETECTOR_VERSION,
+                 extra={"aoi": aoi.id})
+        if any("analyst_cars" in o.metrics for o in self.store.observations(aoi.id)):
+            self.recalibrate(aoi)
+        result.events.extend(self._replay_alerts(aoi, cfg, start))
+        return result
+
+    def calibrate(self, aoi: Aoi, counts: Sequence[Any]) -> dict[str, Any]:
+        """Keep analysts' counts on the same UTC day's observations, refit the AOI's per-sensor scale
+        and update the estimates already recorded (alert decisions are not sent again).
+
+        Returns a report: per sensor the matched counts, the scale and its residual spread, and the
+        counts that matched no scene.
+        """
+        from railwatch.detect.calibrate import assign_counts
+
+        obs = self.store.observations(aoi.id)
+        assigned, unmatched = assign_counts(counts, [(o.collection, o.acquired) for o in obs])
+        changed = {
+            (o.collection, o.acquired): replace(o, metrics=dict(o.metrics) | {"analyst_cars": assigned[(o.collection, o.acquired)]})
+            for o in obs if (o.collection, o.acquired) in assigned
+        }
+        with self.store.session() as s:
+            self.store.save_observations(s, list(changed.values()))
+        report = self.recalibrate(aoi)
+        report["unmatched"] = [c.acquired.date().isoformat() for c in unmatched]
+        return report
+
+    def recalibrate(self, aoi: Aoi) -> dict[str, Any]:
+        """Refit the per-sensor scale from the counts kept on the observations and rescale the estimates."""
+        from railwatch.baseline import Replayer
+        from railwatch.detect.calibrate import fit_scale
+        from railwatch.detect.estimate import interval
+
+        cfg = effective_detector(self.settings, aoi.settings.get("detector"))
+        obs = self.store.observations(aoi.id)
+        report: dict[str, Any] = {"aoi": aoi.id, "sensors": {}}
+        cals = {}
+        for sensor in sorted({o.collection for o in obs}):
+            pairs = [(float(o.metrics["raw_cars"]), float(o.metrics["analyst_cars"])) for o in obs
+                     if o.collection == sensor and o.usable and "analyst_cars" in o.metrics and "raw_cars" in o.metrics]
+            if not pairs:
+                continue
+            try:
+                cal = fit_scale(pairs)
+            except ValueError as exc:
+                report["sensors"][sensor] = {"counts": len(pairs), "error": str(exc)}
+                continue
+            cals[sensor] = cal
+            report["sensors"][sensor] = {"counts": cal.n, "scale": round(cal.scale, 4),
+                                         "log_sigma": round(cal.log_sigma, 4), "residual_sd": round(cal.residual_sd, 4)}
+        if not cals:
+            return report
+        with self.store.session() as s:
+            for sensor, cal in cals.items():
+                self.store.save_calibration(s, aoi.id, sensor, scale=cal.scale, log_sigma=cal.log_sigma, n_counts=cal.n,
+                                            now=self.clock.now())
+        updated = []
+        for o in obs:
+            fitted = cals.get(o.collection)
+            if fitted is None or not o.usable or "raw_cars" not in o.metrics:
+                updated.append(o)
+                continue
+            est = interval(float(o.metrics["raw_cars"]), float(o.metrics.get("raw_cars_sd", 0.0)), fitted.scale,
+                           fitted.log_sigma)
+            updated.append(replace(
+                o, estimated_cars=round(est.cars, 2), estimated_cars_low=round(est.low, 2),
+                estimated_cars_high=round(est.high, 2),
+                metrics=dict(o.metrics) | {"scale": round(fitted.scale, 4), "log_sigma": round(fitted.log_sigma, 4)},
+            ))
+        # Baselines and thresholds follow the new scale; alerts already decided are left as they were.
+        replayer = Replayer(cfg)
+        replayed = [replayer.step(o) for o in sorted(updated, key=lambda o: (o.acquired, o.collection))]
+        with self.store.session() as s:
+            n = self.store.save_observations(s, replayed)
+        report["updated"] = n
+        return report
+
+    def _replay_alerts(self, aoi: Aoi, cfg: DetectorSettings, since: datetime) -> list[tuple[int, str]]:
+        """Bring the store's alerts in line with the rule replayed over the whole history.
+
+        Episodes are matched to recorded alerts by their opening scene. Recorded events are never
+        recorded again (store.add_event dedupes); new ones are recorded suppressed. A recorded open
+        alert that the replay no longer sees (opened at or after ``since``) is resolved, suppressed.
+        """
+        from railwatch.baseline import OPENED as _OPENED
+        from railwatch.baseline import replay
+
+        rep = replay(self.store.observations(aoi.id), cfg)
+        out: list[tuple[int, str]] = []
+        now = self.clock.now()
+        rows = [r for r in self.store.alerts(aoi_id=aoi.id) if r.kind == "activity"]
+        with self.store.session() as s:
+            self.store.save_observations(s, [o for o in rep.observations if o.acquired >= since])
+            by_open = {(r.sensor, utc(r.opened_acquired)): r for r in rows if r.opened_acquired is not None}
+            matched: set[int] = set()
+            for ep in rep.episodes:
+                row = by_open.get((ep.sensor, ep.opened_acquired))
+                if row is not None:
+                    row = s.merge(row)
+                elif ep.opened_acquired < since:
+                    continue  # opened before the reprocessed period: nothing of it was recomputed
+                else:
+                    o = ep.opening
+                    row = AlertRow(
+                        kind="activity", aoi_id=aoi.id, sensor=ep.sensor, geometry_key=ep.geometry_key,
+                        state="provisional", opened_acquired=ep.opened_acquired, last_acquired=ep.opened_acquired,
+                        opened_at=now, updated_at=now, opening_cars=o.estimated_cars, estimated_cars=o.estimated_cars,
+                        estimated_cars_low=o.estimated_cars_low, estimated_cars_high=o.estimated_cars_high,
+                        peak_cars=o.estimated_cars, baseline_cars=ep.baseline_cars, score=ep.score,
+                        sensors_seen=[ep.sensor], passes=1, escalated=False, suppressed=True,
+                        data={"quiet_count": 0, "reprocessed": True},
+                    )
+                    s.add(row)
+                    s.flush()
+                matched.add(row.id)
+                if ep.latest.acquired >= since:
+                    row.estimated_cars = ep.latest.estimated_cars
+                    row.estimated_cars_low = ep.latest.estimated_cars_low
+                    row.estimated_cars_high = ep.latest.estimated_cars_high
+                    row.last_acquired = ep.latest.acquired
+                    row.peak_cars = max(row.peak_cars or 0.0, ep.peak_cars)
+                    row.passes = max(row.passes or 0, ep.passes)
+                    row.sensors_seen = sorted(set(row.sensors_seen or []) | set(ep.sensors))
+                if ep.state == "confirmed" and row.state == "provisional":
+                    row.state = "confirmed"
+                if ep.escalated:
+                    row.escalated = True
+                if ep.state == "resolved" and row.state in ("provisional", "confirmed"):
+                    row.state = "resolved"
+                    row.resolved_at = ep.resolved_at
+                row.data = dict(row.data or {}) | {"quiet_count": ep.quiet_count}
+                row.updated_at = now
+                for ev_type, o in ep.events:
+                    if o.acquired < since:
+                        continue
+                    data = {
+                        "acquired": o.acquired.isoformat(), "sensor": o.collection,
+                        "estimated_cars": o.estimated_cars, "estimated_cars_low": o.estimated_cars_low,
+                        "estimated_cars_high": o.estimated_cars_high, "baseline_cars": row.baseline_cars,
+                        "peak_cars": row.peak_cars, "state": row.state, "reprocessed": True,
+                    }
+                    ev = self.store.add_event(s, row, ev_type, acquired=o.acquired, data=data, suppressed=True)
+                    if ev is None:
+                        continue
+                    out.append((row.id, ev_type))
+                    if self.event_hook is not None:
+                        self.event_hook(s, ev, row, aoi, True)
+                    if ev_type == _OPENED:
+                        log.info("reprocessing opened alert %s for AOI %s (suppressed)", row.id, aoi.id,
+                                 extra={"aoi": aoi.id, "alert": row.id})
+            for r in rows:
+                if r.id in matched or r.state not in ("provisional", "confirmed"):
+                    continue
+                if r.opened_acquired is None or utc(r.opened_acquired) < since:
+                    continue
+                row = s.merge(r)
+                row.state = "resolved"
+                row.resolved_at = now
+                row.data = dict(row.data or {}) | {"resolved_by": "reprocessing: the current detector does not see it"}
+                ev = self.store.add_event(s, row, RESOLVED, acquired=None,
+                                          data={"dedupe": f"reprocess:{now.isoformat()}", "state": "resolved",
+                                                "reprocessed": True}, suppressed=True)
+                if ev is not None:
+                    out.append((row.id, RESOLVED))
+                    if self.event_hook is not None:
+                        self.event_hook(s, ev, row, aoi, True)
+        return out

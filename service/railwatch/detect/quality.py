@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
+from scipy import ndimage
 
 # ESA Sentinel-2 L2A scene classification codes.
 SCL_NODATA = 0
@@ -27,6 +28,10 @@ SCL_SNOW = 11
 OPTICAL_BANDS = ("B02", "B03", "B04", "B08")
 #: Without SCL (e.g. L1C), a pixel this bright in blue and red (reflectance) counts as cloud or snow.
 NO_SCL_BRIGHT = 0.30
+#: Cloud, shadow and snow masks are grown by this many 10 m pixels: SCL is computed at 20 m and misses the
+#: thin, semi-transparent edges of clouds and shadows (the usual practice is a buffer of 50-100 m,
+#: e.g. Zhu & Woodcock 2012 Fmask dilates by 3 pixels of 30 m). Edges are unusable, not "cloudy".
+CLOUD_BUFFER_PX = 5
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,7 @@ def optical_quality(
         scl = np.asarray(bands["SCL"])
         nodata |= scl == SCL_NODATA
         cloud = np.isin(scl, (SCL_CLOUD_MEDIUM, SCL_CLOUD_HIGH, SCL_CIRRUS))
+        cirrus = scl == SCL_CIRRUS
         shadow = scl == SCL_CLOUD_SHADOW
         snow = scl == SCL_SNOW
         saturated = scl == SCL_SATURATED
@@ -82,15 +88,21 @@ def optical_quality(
         red = np.asarray(bands["B04"], np.float32) / 10000.0
         bright = (blue > NO_SCL_BRIGHT) & (red > NO_SCL_BRIGHT) & ~nodata
         cloud, shadow, snow, saturated = bright, np.zeros_like(bright), np.zeros_like(bright), np.zeros_like(bright)
+        cirrus = np.zeros_like(bright)
         note = " (no SCL band: brightness cloud test)"
     obscured = cloud | shadow | saturated
-    bad = nodata | obscured | snow
+    edge = np.zeros_like(obscured)
+    if (cloud | shadow | snow).any():  # patchy snow has thin, unflagged margins too
+        edge = ndimage.binary_dilation(cloud | shadow | snow, iterations=CLOUD_BUFFER_PX) & ~obscured & ~snow
+    bad = nodata | obscured | snow | edge
     fr = {
         "nodata": _frac(nodata, track, n),
         "cloud": _frac(cloud & ~nodata, track, n),
         "shadow": _frac(shadow & ~nodata, track, n),
         "snow": _frac(snow & ~nodata, track, n),
         "saturated": _frac(saturated & ~nodata, track, n),
+        "cloud_edge": _frac(edge & ~nodata, track, n),
+        "cirrus": _frac(cirrus & ~nodata, track, n),
         "bad": _frac(bad, track, n),
     }
     clear = ~bad
@@ -100,6 +112,8 @@ def optical_quality(
     if fr["snow"] > snow_fraction:
         return Quality("snow", f"{fr['snow']:.0%} of track pixels under snow{note}", clear, fr)
     if obscured_frac > cloudy_fraction:
+        if fr["cirrus"] >= 0.5 * obscured_frac:  # SCL's thin cirrus class also takes the dense part of haze
+            return Quality("haze", f"{fr['cirrus']:.0%} of track pixels under thin cirrus or haze{note}", clear, fr)
         return Quality("cloudy", f"{obscured_frac:.0%} of track pixels under cloud or shadow{note}", clear, fr)
     if fr["bad"] > cloudy_fraction:
         return Quality("cloudy", f"{fr['bad']:.0%} of track pixels unusable (cloud, snow, no data){note}", clear, fr)

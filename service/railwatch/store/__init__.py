@@ -155,6 +155,16 @@ class Store:
             row.source = ref.source
         return row
 
+    def scene_refs(self, aoi_id: str) -> dict[tuple[str, datetime], SceneRef]:
+        """Every recorded scene of an AOI as the provider described it (source, orbit), by (collection, time)."""
+        with self.session() as s:
+            rows = s.scalars(select(SceneRow).where(SceneRow.aoi_id == aoi_id))
+            return {
+                (r.collection, r.acquired): SceneRef(r.aoi_id, r.collection, r.acquired, r.source or "",
+                                                     orbit_direction=r.orbit_direction, relative_orbit=r.relative_orbit)
+                for r in rows
+            }
+
     def scene_sources(self, aoi_id: str) -> dict[tuple[str, datetime], str]:
         with self.session() as s:
             rows = s.execute(
@@ -269,6 +279,26 @@ class Store:
     def calibrations(self, aoi_id: str) -> dict[str, CalibrationRow]:
         with self.session() as s:
             return {r.sensor: r for r in s.scalars(select(CalibrationRow).where(CalibrationRow.aoi_id == aoi_id))}
+
+    def save_calibration(
+        self, s: Session, aoi_id: str, sensor: str, *, scale: float, log_sigma: float | None, n_counts: int,
+        now: datetime,
+    ) -> CalibrationRow:
+        """Insert or replace the calibration of one AOI and sensor."""
+        row = s.get(CalibrationRow, (aoi_id, sensor))
+        if row is None:
+            row = CalibrationRow(aoi_id=aoi_id, sensor=sensor)
+            s.add(row)
+        row.scale = float(scale)
+        row.log_sigma = None if log_sigma is None else float(log_sigma)
+        row.n_counts = int(n_counts)
+        row.updated_at = utc(now)
+        s.flush()
+        return row
+
+    def save_observations(self, s: Session, observations: Sequence[Observation]) -> int:
+        """Replace several observations in one transaction; returns how many changed."""
+        return sum(1 for o in observations if self.save_observation(s, o))
 
     def poll_state(self, s: Session, aoi_id: str, collection: str) -> PollStateRow:
         row = s.get(PollStateRow, (aoi_id, collection))
