@@ -1009,6 +1009,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: How an error ends a command: message prefix and exit code; the first matching class wins.
+ERROR_EXITS: tuple[tuple[type[RailwatchError], str, int], ...] = (
+    (ConfigError, "configuration error: ", EXIT_USAGE),
+    (UsageError, "", EXIT_USAGE),
+    (AoiError, "invalid AOI: ", EXIT_FAILED),
+    (CredentialsError, "credentials refused: ", EXIT_FAILED),
+    (StoreError, "store error: ", EXIT_FAILED),
+    (RailwatchError, "", EXIT_FAILED),
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -1017,23 +1028,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         return int(args.func(args))
-    except ConfigError as exc:
-        print(f"railwatch: configuration error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except UsageError as exc:
-        print(f"railwatch: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except AoiError as exc:
-        print(f"railwatch: invalid AOI: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except CredentialsError as exc:
-        print(f"railwatch: credentials refused: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except StoreError as exc:
-        print(f"railwatch: store error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
     except RailwatchError as exc:
-        print(f"railwatch: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        prefix, code = next((p, c) for kind, p, c in ERROR_EXITS if isinstance(exc, kind))
+        print(f"railwatch: {prefix}{exc}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         return 130
