@@ -1,10 +1,14 @@
 """The change detector: pure numpy functions from arrays to measurements (no I/O, no clock).
 
-``quality`` decides whether a scene can be used on the AOI's track pixels; ``optical`` and ``sar``
-measure the change of the track pixels against a reference of the same place; ``estimate`` turns
-occupied track pixels into rail cars with an interval.
+``quality`` decides whether a scene can be used on the AOI's track pixels; ``change`` (optical and radar)
+measures the change of the track pixels against a reference of the same place; ``estimate`` turns
+occupied track pixels into rail cars with an interval; ``calibrate`` fits the per-AOI, per-sensor
+scale to analysts' counts. See docs/detector.md.
 """
 
 from __future__ import annotations
 
-DETECTOR_VERSION = "1.0.0"
+#: Recorded on every observation; `railwatch reprocess` recomputes observations after it changes.
+#: 2.0.0: core track pixels, PIF normalisation, sub-pixel registration, robust Mahalanobis test,
+#: cloud-edge buffer, wet-snow test, median radar reference with along-track CFAR, calibration.
+DETECTOR_VERSION = "2.0.0"

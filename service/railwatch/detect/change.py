@@ -440,13 +440,15 @@ def radar_change(
     samples = np.maximum(np.round(k[track]) / S1_SPECKLE_CORRELATION, 1.0)
     levels, inverse = np.unique(samples, return_inverse=True)  # a few distinct window fillings
     thresholds = stats.f.ppf(1.0 - false_alarm, 2 * S1_ENL * levels, 2 * S1_ENL * levels * n_ref)
+    # The per-pixel statistic is the ratio in per cent of its own CFAR threshold: occupied above 100.
     excess = np.zeros_like(cur)
-    excess[track] = stat[track] / thresholds[inverse].astype(np.float32)
-    metrics["threshold"] = float(np.median(thresholds[inverse]))
+    excess[track] = 100.0 * stat[track] / thresholds[inverse].astype(np.float32)
+    metrics["threshold"] = 100.0
+    metrics["ratio_threshold"] = float(np.median(thresholds[inverse]))
     st = stable & valid
     if st.sum() > 100:
         metrics["stable_ratio"] = float(np.median(ratio[st]) / gain)
-    return _finish(excess, track, 1.0, metrics, false_alarm)
+    return _finish(excess, track, 100.0, metrics, false_alarm)
 
 
 def _finish(stat: F32, track: B, threshold: float, metrics: dict[str, float], false_alarm: float,

@@ -63,8 +63,9 @@ def optical_quality(
 ) -> Quality:
     """Classify a Sentinel-2 scene by what covers its track pixels.
 
-    Order of precedence: nodata, snow, cloudy (cloud, cirrus, shadow, saturation), then
-    ``partial`` when more than ``partial_fraction`` of the track is unusable, else ``ok``.
+    Order of precedence: nodata, snow, haze (obscured mostly by SCL's thin cirrus class, which also
+    takes dense haze) or cloudy (cloud, cirrus, shadow, saturation), then ``partial`` when more than
+    ``partial_fraction`` of the track is unusable (cloud edges included), else ``ok``.
     Without an SCL band, zeros are nodata and very bright pixels count as cloud/snow.
     """
     n = int(np.count_nonzero(track))
