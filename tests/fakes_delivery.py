@@ -14,7 +14,7 @@ import socket
 import ssl
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email import policy
 from email.message import EmailMessage
@@ -162,6 +162,9 @@ class WebhookReceiver:
     def __init__(self) -> None:
         self.requests: list[ReceivedRequest] = []
         self.script: deque[Reply] = deque()
+        #: Called with each request before its reply is sent, and after it was sent (crash tests).
+        self.before_reply: Callable[[ReceivedRequest], None] | None = None
+        self.after_reply: Callable[[ReceivedRequest], None] | None = None
         self._release = threading.Event()
         receiver = self
 
@@ -171,9 +174,11 @@ class WebhookReceiver:
             def do_POST(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length)
-                receiver.requests.append(ReceivedRequest(
-                    "POST", self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+                request = ReceivedRequest("POST", self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+                receiver.requests.append(request)
                 reply = receiver.script.popleft() if receiver.script else Reply()
+                if receiver.before_reply is not None:
+                    receiver.before_reply(request)
                 if reply.hang:
                     receiver._release.wait(10)
                     return
@@ -183,6 +188,9 @@ class WebhookReceiver:
                 self.send_header("content-length", str(len(reply.body)))
                 self.end_headers()
                 self.wfile.write(reply.body)
+                self.wfile.flush()
+                if receiver.after_reply is not None:
+                    receiver.after_reply(request)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass

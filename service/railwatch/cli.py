@@ -439,7 +439,12 @@ def _alert_feedback(args: argparse.Namespace) -> int:
         if args.action == "ack":
             acknowledge(store, args.id, note=args.note, now=now)
         else:
-            dismiss(store, args.id, reason=args.reason, now=now)
+            gone = dismiss(store, args.id, reason=args.reason, now=now)
+            cancelled = (gone.data or {}).get("cancelled_deliveries") or []
+            if cancelled:
+                _stderr_console().print(
+                    f"cancelled {len(cancelled)} queued notification(s) of alert {args.id} "
+                    f"(deliveries {', '.join(map(str, cancelled))}: now suppressed)", highlight=False)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     row = next(r for r in _alert_rows(store) if r["id"] == args.id)
@@ -646,7 +651,9 @@ def run_once(settings: Any, store: Any, provider: Any, aois: list[Aoi], show_pro
         from railwatch.alerts.outbox import dispatch_pending
     except ImportError:
         return failures
-    dispatch_pending(store, settings)
+    from railwatch.clock import SystemClock
+
+    dispatch_pending(store, settings, now=SystemClock().now())  # the daemon's clock too (RAILWATCH_NOW)
     return failures
 
 

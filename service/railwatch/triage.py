@@ -6,7 +6,9 @@ goes on recording scenes and opening alerts; only the notifications are written 
 past ``until`` it stops matching, so it "expires by itself"; ``remove`` ends it early.
 
 **Feedback** on an alert: *ack* (an analyst confirms it, with an optional note) or *dismiss* (a false
-alarm: the alert is closed, state ``dismissed``, and no resolution notice is ever sent).
+alarm: the alert is closed, state ``dismissed``, and no resolution notice is ever sent; its
+notifications still queued — ``pending`` or ``retrying``, not yet delivered — are cancelled, state
+``suppressed``, so a false alarm stops reaching subscribers as soon as an analyst has called it one).
 
 Repository functions on the store; time is always an argument (``now``), never read here.
 """
@@ -19,12 +21,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from railwatch.domain import iso, utc
 from railwatch.errors import RailwatchError
-from railwatch.store.models import AlertRow, SilenceRow
+from railwatch.store.models import AlertRow, DeliveryRow, SilenceRow
 
 if TYPE_CHECKING:
     from railwatch.store import Store
@@ -45,6 +47,8 @@ __all__ = [
 
 #: Alert states the pipeline still updates.
 OPEN_STATES: tuple[str, ...] = ("provisional", "confirmed")
+#: Delivery states a dismissal cancels (the outbox's active states: not yet delivered, not given up).
+QUEUED_DELIVERY_STATES: tuple[str, ...] = ("pending", "retrying")
 #: Longest text kept for a reason or a note.
 MAX_TEXT = 2000
 
@@ -212,6 +216,10 @@ def dismiss(store: Store, alert_id: int, *, reason: str, now: datetime) -> Alert
 
     The pipeline no longer updates it; if activity stays high, the next elevated scene opens a new
     alert. Stale (no data) alerts cannot be dismissed: they close when usable imagery arrives.
+    Its deliveries still queued (``pending``/``retrying``) are cancelled in the same transaction:
+    state ``suppressed``, the reason in ``last_error``; their ids are kept in the alert's
+    ``data["cancelled_deliveries"]`` (this dismissal's; each delivery's ``last_error`` says why).
+    A send already in flight may still complete.
     """
     now = utc(now)
     text = _text(reason, "the reason", required=True)
@@ -226,6 +234,16 @@ def dismiss(store: Store, alert_id: int, *, reason: str, now: datetime) -> Alert
             row.state = "dismissed"
         row.dismissed_reason = text
         row.updated_at = now
+        cancelled = list(s.scalars(
+            select(DeliveryRow.id).where(DeliveryRow.alert_id == alert_id,
+                                         DeliveryRow.state.in_(QUEUED_DELIVERY_STATES))
+        ))
+        if cancelled:
+            s.execute(update(DeliveryRow).where(DeliveryRow.id.in_(cancelled)).values(
+                state="suppressed", next_attempt=None,
+                last_error=f"cancelled: alert {alert_id} dismissed as a false alarm ({text})",
+            ).execution_options(synchronize_session=False))
+        row.data = dict(row.data or {}) | {"cancelled_deliveries": cancelled}
         s.flush()
         return row
 

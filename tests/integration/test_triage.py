@@ -169,6 +169,46 @@ def test_a_dismissed_alert_is_closed_without_any_notice(store: Store) -> None:
         assert s.scalars(select(DeliveryRow)).all() == []
 
 
+def test_dismissing_an_alert_cancels_its_queued_notifications(
+    store: Store, tmp_path: Path, peers: tuple[SmtpSink, WebhookReceiver],
+) -> None:
+    """A false alarm stops reaching subscribers: what is still queued is suppressed, what went out stays."""
+    sink, hook = peers
+    cfg = tmp_path / "railwatch.toml"
+    cfg.write_text(_subscribers(sink, hook), encoding="utf-8")
+    settings = load_settings(cfg, environ=ENV, cwd=tmp_path)
+    aoi = Aoi(id=AOI, name="Tumangang–Khasan", geometry={"type": "Point", "coordinates": [130.6, 42.4]}, tracks=())
+    alert_id, other_id = _alert(store), _alert(store)
+
+    def event(alert: int, type_: str, when: str) -> None:
+        with store.session() as s:
+            row = s.get(AlertRow, alert)
+            assert row is not None
+            enqueue(s, settings, store.add_event(s, row, type_, acquired=dt(when), data={}), row, aoi,
+                    suppressed=False, now=dt(when))
+
+    event(alert_id, "alert.opened", "2025-05-30T00:00:00Z")
+    assert dispatch_pending(store, settings, now=dt("2025-05-30T00:01:00Z")).delivered == 2
+    hook.respond(503)  # the webhook is down when the confirmation is queued: it stays retrying
+    event(alert_id, "alert.confirmed", "2025-05-31T00:00:00Z")
+    event(other_id, "alert.opened", "2025-05-31T00:00:00Z")
+    report = dispatch_pending(store, settings, now=dt("2025-05-31T00:01:00Z"), limit=2)
+    assert (report.delivered, report.retrying) == (1, 1)
+
+    gone = dismiss(store, alert_id, reason="snow-clearing train", now=dt("2025-05-31T01:00:00Z"))
+    with store.session() as s:
+        rows = {(r.alert_id, r.event_type, r.subscriber): r for r in s.scalars(select(DeliveryRow))}
+    mine = {k[1:]: r.state for k, r in rows.items() if k[0] == alert_id}
+    assert mine == {("alert.opened", "ops-mail"): "delivered", ("alert.opened", "ops-hook"): "delivered",
+                    ("alert.confirmed", "ops-mail"): "delivered", ("alert.confirmed", "ops-hook"): "suppressed"}
+    assert "dismissed as a false alarm (snow-clearing train)" in rows[(alert_id, "alert.confirmed", "ops-hook")].last_error
+    assert gone.data["cancelled_deliveries"] == [rows[(alert_id, "alert.confirmed", "ops-hook")].id]
+    # The other alert's queued notifications are untouched and go out; the cancelled one never does.
+    before = len(hook.requests)
+    assert dispatch_pending(store, settings, now=dt("2025-06-02T00:00:00Z")).delivered == 2
+    assert [(r.json()["type"], r.json()["alert"]["id"]) for r in hook.requests[before:]] == [("alert.opened", other_id)]
+
+
 def test_feedback_repository_rules(store: Store) -> None:
     now = dt("2025-06-02T08:00:00Z")
     a, b, stale = _alert(store), _alert(store, state="confirmed"), _alert(store, kind="stale", state="confirmed")
