@@ -48,6 +48,17 @@ def _count_points(counts: Iterable[Any] | None) -> list[tuple[datetime, float]]:
     return sorted(out)
 
 
+def _recorded_counts(observations: Sequence[Observation]) -> list[tuple[datetime, float]]:
+    """The analysts' counts `railwatch calibrate` kept on observations (``metrics["analyst_cars"]``),
+    one point per counted day (a count matched to scenes of both sensors is drawn once)."""
+    seen: dict[tuple[Any, float], datetime] = {}
+    for o in sorted(observations, key=lambda o: o.acquired):
+        cars = (o.metrics or {}).get("analyst_cars")
+        if cars is not None:
+            seen.setdefault((utc(o.acquired).date(), float(cars)), utc(o.acquired))
+    return sorted((when, cars) for (_day, cars), when in seen.items())
+
+
 def activity_chart(
     title: str,
     observations: Sequence[Observation],
@@ -62,7 +73,8 @@ def activity_chart(
 
     ``alerts`` are objects with ``opened_acquired``, ``last_acquired``, ``resolved_at``, ``state``
     and ``id`` (store rows do; ``acknowledged_at`` marks an analyst's confirmation when present).
-    ``counts``: (time, cars) pairs, mappings or objects with ``acquired``/``cars``.
+    ``counts``: (time, cars) pairs, mappings or objects with ``acquired``/``cars``; by default the
+    counts `railwatch calibrate` recorded on the observations.
     """
     import matplotlib
 
@@ -102,7 +114,7 @@ def activity_chart(
         if thr:
             ax.plot(days(b[0] for b in thr), values(b[1] for b in thr), ls=":", lw=1.1, color=colour, alpha=0.7,
                     label=f"{label.split()[0]}: alert threshold")
-    analyst = _count_points(counts)
+    analyst = _count_points(counts) if counts is not None else _recorded_counts(observations)
     if since is not None:
         analyst = [c for c in analyst if c[0] >= utc(since)]
     if analyst:
