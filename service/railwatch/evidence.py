@@ -629,18 +629,6 @@ def _alert_row(store: Store, aoi: Aoi, alert_id: int) -> Any:
     return row
 
 
-def _analyst_counts(store: Store, aoi_id: str) -> list[Any] | None:
-    """Analysts' counts, when the store keeps them (calibration counts); None otherwise."""
-    fn = getattr(store, "analyst_counts", None)
-    if not callable(fn):
-        return None
-    try:
-        return list(fn(aoi_id))
-    except RailwatchError as exc:
-        log.warning("analyst counts of %s unavailable: %s", aoi_id, exc)
-        return None
-
-
 def _write_evidence(ev: SceneEvidence, out_dir: Path) -> tuple[Path, Path, bytes, dict[str, Any]]:
     png, _layout = quicklook_png(ev)
     quick = out_dir / f"quicklook-{ev.alert_id}.png"
@@ -679,7 +667,7 @@ def render_alert_evidence(
     files: dict[str, Path] = {
         "chart": write_chart(out / f"activity-{alert_id}.png", f"{aoi.name} — estimated rail cars (alert #{alert_id})",
                              store.observations(aoi.id, since=start), [alert],
-                             counts=_analyst_counts(store, aoi.id), since=start),
+                             since=start),
     }
     try:
         ev = load_scene_evidence(store, settings, aoi, alert, provider=provider)
@@ -778,9 +766,8 @@ def write_report(
     observations = store.observations(aoi.id, since=since)
     history = store.observations(aoi.id)
     alerts = [a for a in store.alerts(aoi_id=aoi.id) if since is None or _runs_until(a) >= utc(since)]
-    counts = _analyst_counts(store, aoi.id)
     chart_title = f"{aoi.name} ({aoi.id}) — estimated rail cars per scene"
-    result.files["chart"] = write_chart(out / "activity.png", chart_title, observations, alerts, counts=counts,
+    result.files["chart"] = write_chart(out / "activity.png", chart_title, observations, alerts,
                                         since=since)
     activity = [a for a in alerts if a.kind == "activity" and a.opened_acquired is not None]
     if latest:
