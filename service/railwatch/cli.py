@@ -61,6 +61,14 @@ def _stdout_console() -> Any:
     return Console(soft_wrap=False, width=max(100, shutil.get_terminal_size((140, 20)).columns))
 
 
+def rich_escape(text: str) -> str:
+    """Text that rich prints as it is: a message naming a config section (``[imagery.stac] url``)
+    would otherwise be read as markup and vanish."""
+    from rich.markup import escape
+
+    return escape(text)
+
+
 def _stderr_console() -> Any:
     from rich.console import Console
 
@@ -282,12 +290,12 @@ def cmd_aoi_validate(args: argparse.Namespace) -> int:
     if args.format == "table":
         for r in rows:
             mark = "[green]valid[/]" if r["valid"] else "[red]INVALID[/]"
-            _stdout_console().print(f"{mark} {r['file']}" + (f"  ({r['area_km2']} km², {r['track_km']} km of track)"
+            _stdout_console().print(f"{mark} {rich_escape(str(r['file']))}" + (f"  ({r['area_km2']} km², {r['track_km']} km of track)"
                                                               if r["valid"] else ""))
             for prob in r["problems"]:
-                _stdout_console().print(f"    [red]✗[/] {prob}", markup=True, highlight=False)
+                _stdout_console().print(f"    [red]✗[/] {rich_escape(prob)}", markup=True, highlight=False)
             for w in r["warnings"]:
-                _stdout_console().print(f"    [yellow]![/] {w}", markup=True, highlight=False)
+                _stdout_console().print(f"    [yellow]![/] {rich_escape(w)}", markup=True, highlight=False)
     else:
         emit(rows, args.format, columns=["file", "id", "valid", "area_km2", "track_km", "problems", "warnings"])
     return EXIT_FAILED if failed else EXIT_OK
@@ -518,7 +526,7 @@ def cmd_status(args: argparse.Namespace) -> int:
              columns=["aoi", "scenes", "last_scene", "last_scene_status", "last_activity", "baseline_cars",
                       "open_alerts", "last_poll", "last_error", "silenced_until", "alerts_acked", "alerts_dismissed"])
         for p, probs in status["invalid_aoi_files"].items():
-            _stderr_console().print(f"[red]invalid AOI file[/] {p}: {'; '.join(probs)}")
+            _stderr_console().print(f"[red]invalid AOI file[/] {rich_escape(f'{p}: ' + '; '.join(probs))}")
         if status["usage"]:
             emit(status["usage"], args.format, title="provider usage per month",
                  columns=["month", "requests", "processing_units"])
@@ -610,7 +618,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
              columns=["aoi", "sensor", "counts", "scale", "log_sigma", "residual_sd", "error"])
         if report.get("unmatched"):
             _stderr_console().print(f"{len(report['unmatched'])} count(s) matched no scene of that UTC day: "
-                                    + ", ".join(report["unmatched"]), highlight=False)
+                                    + ", ".join(report["unmatched"]), highlight=False, markup=False)
     if not report["sensors"]:
         _stderr_console().print("no count matched a usable scene: nothing calibrated "
                                 "(counts are matched to scenes of the same UTC day; backfill first)")
@@ -786,11 +794,15 @@ def cmd_provider_test(args: argparse.Namespace) -> int:
         from railwatch.imagery.sentinelhub import check_sentinelhub
 
         problems = check_sentinelhub(settings)
+    elif kind == "stac":
+        from railwatch.imagery.stac import StacProvider
+
+        problems = StacProvider.from_settings(settings).check()
     else:
         make_provider(settings)
     if problems:
         for p in problems:
-            _stderr_console().print(f"[red]✗[/] {p}", highlight=False)
+            _stderr_console().print(f"[red]✗[/] {rich_escape(p)}", highlight=False)
         return EXIT_FAILED
     _stdout_console().print(f"[green]✓[/] provider {kind!r} is reachable and accepts the configured credentials")
     return EXIT_OK

@@ -375,7 +375,11 @@ class _Handler(BaseHTTPRequestHandler):
             cols = [fake.collection(c) for c in (S2, S1_RTC)]
             status, payload = 200, json.dumps({"collections": cols, "links": []}).encode()
         elif path.startswith("/collections/") and path.count("/") == 2:
-            status, payload = 200, json.dumps(fake.collection(path.rsplit("/", 1)[1])).encode()
+            cid = path.rsplit("/", 1)[1]
+            if cid in (S2, S1_RTC):
+                status, payload = 200, json.dumps(fake.collection(cid)).encode()
+            else:
+                status, payload = 404, json.dumps({"code": "NotFoundError", "description": f"no collection {cid}"}).encode()
         elif path == "/search":
             params = body if method == "POST" else {k: v[0] for k, v in parse_qs(split.query).items()}
             status, payload = 200, json.dumps(fake.search(params or {}, method)).encode()

@@ -170,3 +170,38 @@ def test_from_settings(tmp_path: Path) -> None:
         Settings.model_validate({"imagery": {"stac": {"url": "http://example.com/stac"}}})
     with pytest.raises(ValueError, match="unknown band"):
         Settings.model_validate({"imagery": {"stac": {"assets": {"B05": "rededge1"}}}})
+
+
+def _stac_project(tmp: Path, url: str, collections: str, assets: str = "") -> Path:
+    (tmp / "config").mkdir(parents=True, exist_ok=True)
+    (tmp / "aoi").mkdir(exist_ok=True)
+    (tmp / "config" / "railwatch.toml").write_text(
+        f'[imagery]\nprovider = "stac"\n[imagery.stac]\nurl = "{url}"\ncollections = {collections}\n{assets}'
+        '[store]\nurl = "sqlite:///var/railwatch.db"\n', encoding="utf-8")
+    return tmp
+
+
+def test_provider_test_queries_the_stac_api(fake_stac: FakeStac, tmp_path: Path) -> None:
+    """`railwatch provider test` asks the API itself: landing page, collections, an item and its assets."""
+    from tests.cli_helpers import railwatch
+
+    good = _stac_project(tmp_path / "good", fake_stac.url, f'{{ "{S2}" = "{S2}", "{S1}" = "{S1_RTC}" }}')
+    res = railwatch("provider", "test", cwd=good)
+    assert res.code == 0, res.err
+    assert "reachable" in res.out
+    assert fake_stac.hits_to("/collections/") and fake_stac.hits_to("/search")
+    assert not fake_stac.hits_to("/assets/")  # nothing downloaded
+
+    bad = _stac_project(tmp_path / "bad", fake_stac.url, f'{{ "{S2}" = "sentinel-2-l9z" }}')
+    res = railwatch("provider", "test", cwd=bad)
+    assert res.code == 1
+    assert "[imagery.stac] collections.sentinel-2-l2a = 'sentinel-2-l9z': no such collection" in res.err, res.err
+
+    assets = _stac_project(tmp_path / "assets", fake_stac.url, f'{{ "{S2}" = "{S2}" }}',
+                           '[imagery.stac.assets]\nB08 = "nir-wrong"\n')
+    res = railwatch("provider", "test", cwd=assets)
+    assert res.code == 1 and "lacks B08 (asset 'nir-wrong')" in res.err, res.err
+
+    fake_stac.add_fault("/", status=503, times=20)
+    down = railwatch("provider", "test", cwd=good)
+    assert down.code == 1 and "[imagery.stac] url" in down.err, down.err

@@ -144,6 +144,48 @@ class StacProvider:
         except (KeyError, ValueError, TypeError) as exc:
             raise ProviderError(f"{what}: unexpected answer ({type(exc).__name__}: {exc})") from exc
 
+    # ------------------------------------------------------------------------------------ check
+
+    def check(self) -> list[str]:
+        """What `railwatch provider test` reports: the API answers, supports item search, has each
+        configured collection, and its newest item carries every asset railwatch reads. No scene is
+        downloaded. Returns the problems found, each naming the setting to fix (empty: all good)."""
+        problems: list[str] = []
+        try:
+            client = self._open()
+        except ProviderError as exc:
+            return [f"[imagery.stac] url: {exc}"]
+        if not client.conforms_to("ITEM_SEARCH"):
+            problems.append(f"[imagery.stac] url: {self.url} does not declare STAC API item search "
+                            "(conformance class item-search); railwatch needs /search")
+        if not self.collections:
+            problems.append("[imagery.stac] collections: no sensor is mapped to a collection; nothing would be searched")
+        for collection, cid in self.collections.items():
+            try:
+                with self._errors(f"STAC collection {cid!r} at {self.url}"):
+                    found = client.get_collection(cid)
+            except ProviderError as exc:
+                problems.append(f"[imagery.stac] collections.{collection} = {cid!r}: {exc}")
+                continue
+            if found is None:
+                problems.append(f"[imagery.stac] collections.{collection} = {cid!r}: no such collection at {self.url}")
+                continue
+            try:
+                with self._errors(f"STAC search of {cid!r} at {self.url}"):
+                    items = list(client.search(collections=[cid], max_items=1, limit=1, method=self.method).items())
+            except ProviderError as exc:
+                problems.append(f"[imagery.stac] collections.{collection} = {cid!r}: {exc}")
+                continue
+            if not items:
+                problems.append(f"[imagery.stac] collections.{collection} = {cid!r}: the collection has no items")
+                continue
+            have = set(items[0].assets)
+            missing = [f"{b} (asset {self.assets[b]!r})" for b in BANDS[collection] if self.assets[b] not in have]
+            if missing:
+                problems.append(f"[imagery.stac] assets: item {items[0].id} of {cid!r} lacks {', '.join(missing)}; "
+                                f"it has {sorted(have)}")
+        return problems
+
     # ------------------------------------------------------------------------------------ search
 
     def _open(self) -> Any:
