@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -116,14 +117,21 @@ def _subscribers(sink: SmtpSink, hook: WebhookReceiver) -> str:
     )
 
 
+TUMANGANG = Aoi(id=AOI, name="Tumangang–Khasan", geometry={"type": "Point", "coordinates": [130.6, 42.4]}, tracks=())
+
+
+def _settings(tmp_path: Path, sink: SmtpSink, hook: WebhookReceiver) -> Any:
+    cfg = tmp_path / "railwatch.toml"
+    cfg.write_text(_subscribers(sink, hook), encoding="utf-8")
+    return load_settings(cfg, environ=ENV, cwd=tmp_path)
+
+
 def test_silenced_aoi_sends_nothing_over_smtp_and_webhook_then_sends_again(
     store: Store, tmp_path: Path, peers: tuple[SmtpSink, WebhookReceiver],
 ) -> None:
     sink, hook = peers
-    cfg = tmp_path / "railwatch.toml"
-    cfg.write_text(_subscribers(sink, hook), encoding="utf-8")
-    settings = load_settings(cfg, environ=ENV, cwd=tmp_path)
-    aoi = Aoi(id=AOI, name="Tumangang–Khasan", geometry={"type": "Point", "coordinates": [130.6, 42.4]}, tracks=())
+    settings = _settings(tmp_path, sink, hook)
+    aoi = TUMANGANG
     other = Aoi(id="other-aoi", name="Other crossing", geometry={"type": "Point", "coordinates": [1.0, 2.0]}, tracks=())
     add_silence(store, AOI, until=dt("2025-06-01T00:00:00Z"), reason="maintenance", now=dt("2025-05-29T00:00:00Z"))
     alert_id = _alert(store)
@@ -174,10 +182,8 @@ def test_dismissing_an_alert_cancels_its_queued_notifications(
 ) -> None:
     """A false alarm stops reaching subscribers: what is still queued is suppressed, what went out stays."""
     sink, hook = peers
-    cfg = tmp_path / "railwatch.toml"
-    cfg.write_text(_subscribers(sink, hook), encoding="utf-8")
-    settings = load_settings(cfg, environ=ENV, cwd=tmp_path)
-    aoi = Aoi(id=AOI, name="Tumangang–Khasan", geometry={"type": "Point", "coordinates": [130.6, 42.4]}, tracks=())
+    settings = _settings(tmp_path, sink, hook)
+    aoi = TUMANGANG
     alert_id, other_id = _alert(store), _alert(store)
 
     def event(alert: int, type_: str, when: str) -> None:
