@@ -500,28 +500,30 @@ def test_filters_route_events_as_configured(store: Store, tmp_path: Path, webhoo
 
 
 # --- email -------------------------------------------------------------------------------------------
-def test_emails_of_one_alert_form_one_thread(store: Store, tmp_path: Path, smtp_sink: SmtpSink) -> None:
+def test_each_event_of_one_alert_is_its_own_email_in_one_thread(store: Store, tmp_path: Path, smtp_sink: SmtpSink) -> None:
     settings = settings_for(tmp_path, email_sub("mail", smtp_sink))
     first, _, _ = record_event(store, settings, state="provisional")
     record_event(store, settings, "alert.confirmed", alert_id=first, acquired=T0 + timedelta(days=1))
+    record_event(store, settings, "alert.escalated", alert_id=first, acquired=T0 + timedelta(days=3))
     record_event(store, settings, "alert.resolved", alert_id=first, state="resolved", acquired=T0 + timedelta(days=5))
     other, _, _ = record_event(store, settings, aoi=DANDONG, state="provisional")
     dispatch(store, settings, T0 + timedelta(days=6))
     msgs: list[EmailMessage] = [m.message for m in smtp_sink.messages]
-    assert [m["X-Railwatch-Event"] for m in msgs] == ["alert.opened", "alert.confirmed", "alert.resolved",
-                                                       "alert.opened"]
+    assert [m["X-Railwatch-Event"] for m in msgs] == ["alert.opened", "alert.confirmed", "alert.escalated",
+                                                       "alert.resolved", "alert.opened"]
     root = msgs[0]["Message-ID"]
     assert root == f"<railwatch.alert.{first}.tumangang-khasan@railwatch.example>"
     assert msgs[0]["In-Reply-To"] is None
-    for m in msgs[1:3]:
+    for m in msgs[1:4]:
         assert m["In-Reply-To"] == root
         assert m["References"] == root
         assert m["Message-ID"] != root
-    assert msgs[3]["Message-ID"] == f"<railwatch.alert.{other}.dandong-sinuiju@railwatch.example>"
-    assert len({m["Message-ID"] for m in msgs}) == 4
+    assert msgs[4]["Message-ID"] == f"<railwatch.alert.{other}.dandong-sinuiju@railwatch.example>"
+    assert len({m["Message-ID"] for m in msgs}) == 5
     assert [m["Subject"] for m in msgs] == [
         "[railwatch] Tumangang–Khasan: 71 cars vs baseline 14 (provisional)",
         "[railwatch] Tumangang–Khasan: 71 cars vs baseline 14 (confirmed)",
+        "[railwatch] Tumangang–Khasan: 71 cars vs baseline 14 (escalated)",
         "[railwatch] Tumangang–Khasan: 71 cars vs baseline 14 (resolved)",
         "[railwatch] Dandong–Sinuiju: 71 cars vs baseline 14 (provisional)",
     ]
