@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -20,11 +21,11 @@ def _store_params() -> list[object]:
     return params
 
 
-@pytest.fixture(params=_store_params())
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty database: a SQLite file, or a throw-away PostgreSQL database."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'railwatch.db'}"
+@contextlib.contextmanager
+def _database(kind: str, folder: Path) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file in ``folder``, or a throw-away PostgreSQL database."""
+    if kind == "sqlite":
+        yield f"sqlite:///{folder / 'railwatch.db'}"
         return
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
@@ -42,3 +43,17 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
             ), {"n": name})
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
         admin.dispose()
+
+
+@pytest.fixture(params=_store_params())
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file, or a throw-away PostgreSQL database."""
+    with _database(request.param, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture(scope="module", params=_store_params())
+def module_store_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The same, shared by the tests of one module (for module-scoped fixtures that fill it once)."""
+    with _database(request.param, tmp_path_factory.mktemp("db")) as url:
+        yield url

@@ -127,7 +127,7 @@ class Site:
             "[aoi]", f'dir = "{self.aoi_dir}"',
             "[imagery]", "lookback_days = 400",
             "[imagery.files]", f'root = "{self.archive}"',
-            "[store]", f'url = "{self.store_url or f"sqlite:///{self.db}"}"',
+            "[store]", f'url = "{self.url}"',
             "[daemon]", *(f"{k} = {json.dumps(v)}" for k, v in daemon.items()),
             "[logging]", 'level = "INFO"', 'format = "json"',
         ]
@@ -149,6 +149,11 @@ class Site:
         done = self.cli(*args, "--format", "json")
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(done.stdout)
+
+    @property
+    def url(self) -> str:
+        """The store's URL: the one given, or the SQLite file ``db``."""
+        return self.store_url or f"sqlite:///{self.db}"
 
     def history(self, aoi_id: str) -> list[dict[str, Any]]:
         return list(self.cli_json("history", "--aoi", aoi_id))

@@ -14,8 +14,9 @@ STATUSES = {"ok", "partial", "cloudy", "haze", "snow", "nodata", "unreadable", "
 
 
 @pytest.fixture(scope="module")
-def backfilled(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = project(tmp_path_factory.mktemp("pipeline"))
+def backfilled(tmp_path_factory: pytest.TempPathFactory, module_store_url: str) -> Path:
+    """A simulated archive backfilled into the store: SQLite, and PostgreSQL where it is configured."""
+    tmp = project(tmp_path_factory.mktemp("pipeline"), store_url=module_store_url)
     sim = railwatch("simulate", "--aoi", AOI, "--out", "var/archive", "--days", "150", "--seed", "11",
                     "--end", "2025-06-30", "--surge", "2025-05-20:160:12", "--no-progress", cwd=tmp)
     assert sim.code == 0, sim.err

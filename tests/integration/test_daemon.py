@@ -72,7 +72,7 @@ def _alerts_key(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
 def _events_key(site: Site) -> list[tuple[Any, ...]]:
     from railwatch.store import Store
 
-    store = Store(f"sqlite:///{site.db}", migrate_schema=False)
+    store = Store(site.url, migrate_schema=False)
     try:
         alerts = {a.id: a for a in store.alerts()}
         return [(alerts[e.alert_id].kind, alerts[e.alert_id].opened_acquired, e.type, e.acquired)
@@ -87,7 +87,7 @@ def _deliveries(site: Site) -> list[tuple[int | None, str, str, str]]:
     from railwatch.store import Store
     from railwatch.store.models import DeliveryRow
 
-    store = Store(f"sqlite:///{site.db}", migrate_schema=False)
+    store = Store(site.url, migrate_schema=False)
     try:
         with store.session() as s:
             return [(r.event_id, r.subscriber, r.event_type, r.state)
@@ -113,9 +113,9 @@ def _subscribed(site: Site, receiver: WebhookReceiver) -> None:
 
 # --- polling, recording, alerting, metrics ------------------------------------------------------
 def test_daemon_polls_records_alerts_delivers_and_exports_metrics(
-    sim: Sim, reference: dict[str, Any], tmp_path: Path, hook: WebhookReceiver,
+    sim: Sim, reference: dict[str, Any], tmp_path: Path, hook: WebhookReceiver, store_url: str,
 ) -> None:
-    site = Site(tmp_path)
+    site = Site(tmp_path, store_url=store_url)
     site.add_aoi(AOI, sim.scenes)
     _subscribed(site, hook)
     n = len(sim.scenes)
@@ -187,9 +187,9 @@ def test_shutdown_deadline_stops_the_job_at_a_scene_boundary(sim: Sim, tmp_path:
 
 
 def test_kill9_mid_job_then_restart_processes_every_scene_once(
-    sim: Sim, reference: dict[str, Any], tmp_path: Path,
+    sim: Sim, reference: dict[str, Any], tmp_path: Path, store_url: str,
 ) -> None:
-    site = Site(tmp_path)
+    site = Site(tmp_path, store_url=store_url)
     site.add_aoi(AOI, sim.scenes)
     with site.start() as first:
         first.wait_for(lambda: len(first.scenes_logged(AOI)) >= 20, 60, "20 scenes")
