@@ -4,7 +4,8 @@
 For every case (AOI, seed, kind) it
 
 1. simulates 18 months of Sentinel-1/-2 scenes (`railwatch simulate`, default surges: a medium one,
-   2.5-3x the usual level, and a large one, 3-5x) — or a quiet year with no surge;
+   2.5-3x the usual level for 14-28 days, and a large one, 3-5x for 21-42 days) — or a quiet year
+   with no surge;
 2. backfills them with `railwatch backfill` in a subprocess, with a temporary configuration;
 3. calibrates with three analyst counts per sensor taken from the truth (`railwatch calibrate`),
    on ordinary days spread over the period (those scenes are left out of the error figures);
@@ -446,6 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--full", action="store_true", help="every shipped AOI and all ten seeds of the split")
     ap.add_argument("--aoi", action="append", help="only these AOIs (repeatable)")
     ap.add_argument("--seeds", type=int, help="number of seeds of the split per AOI (default 3, all with --full)")
+    ap.add_argument("--cases", type=int, help="only the first N cases of the plan (quick iterations; default: all)")
     ap.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="cases run in parallel")
     ap.add_argument("--work", default=str(REPO / "bench" / "out" / "accuracy"),
                     help="working folder (archives are kept and reused between runs)")
@@ -455,6 +457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     cases = plan(args.split, args.full, args.aoi, args.seeds)
+    if args.cases:
+        cases = cases[: args.cases]
     print(f"split {args.split}: seeds {SPLITS[args.split][0]}-{SPLITS[args.split][-1]} "
           f"({'tuning' if args.split == 'tune' else 'held out, never tuned on'}); {len(cases)} case(s): "
           + ", ".join(c.name for c in cases), file=sys.stderr)

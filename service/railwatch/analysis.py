@@ -74,7 +74,12 @@ class AoiContext:
         return cls(aoi, grid, track, inside & ~near_track, metres, core, length / n_core if n_core else 10.0)
 
     def detection_mask(self, collection: str) -> tuple[npt.NDArray[np.bool_], float]:
-        """The pixels a sensor's occupancy test runs on, and the metres of centreline per such pixel."""
+        """The pixels a sensor's occupancy test runs on, and the metres of centreline per such pixel.
+
+        Optical tests the core pixels (the edge pixels also see the fields beside the track); radar
+        every track pixel — its 20 m resolution mixes the fields in anyway, and on the tuning seeds the
+        core pixels made the radar count worse (alert F1 0.77 → 0.58, MAPE 41 % → 49 %).
+        """
         if collection == S2 and self.core is not None:
             return self.core, self.metres_per_core_pixel
         return self.track, self.metres_per_pixel

@@ -11,7 +11,10 @@ An alert opens when ``estimated_cars`` exceeds
     threshold = level + max(alert_sigma × spread, (alert_ratio − 1) × level, alert_min_cars)
 
 after at least ``min_history`` baseline observations, on a scene that saw at least
-``open_min_clear`` of the track (a partial scene's estimate is extrapolated from a part). While
+``open_min_clear`` of the track (a partial scene's estimate is extrapolated from a part), and only
+when the last usable scene before it (any sensor, within ``confirm_days``) was above its threshold
+too, or when this scene alone is ``single_scene_factor`` times as far above the baseline as the
+threshold: one noisy scene does not open an alert, a surge (weeks long) is seen twice in a row. While
 open it updates (latest and peak), is confirmed by a second elevated pass or by the other sensor,
 escalates once when an estimate reaches ``escalation_ratio`` × the opening estimate, and resolves
 after two usable observations back near the baseline (below ``resolve_ratio`` × baseline or
@@ -41,6 +44,17 @@ class Baseline:
     level: float
     spread: float
     n: int
+    #: The last usable scene before this one (any sensor, within ``confirm_days``) was above its own
+    #: threshold: a second elevated scene in a row may open an alert.
+    prior_elevated: bool = False
+
+
+class History(list[Observation]):
+    """Comparable earlier observations (the baseline's), and the usable scenes of every sensor just before."""
+
+    def __init__(self, items: Sequence[Observation] = (), recent: Sequence[Observation] = ()) -> None:
+        super().__init__(items)
+        self.recent: tuple[Observation, ...] = tuple(recent)
 
 
 @dataclass(frozen=True)
@@ -66,10 +80,13 @@ class Decision:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-def history_for(obs: Observation, observations: Sequence[Observation], cfg: DetectorSettings) -> list[Observation]:
-    """Earlier usable observations comparable with ``obs`` (same sensor and geometry) in the window."""
+def history_for(obs: Observation, observations: Sequence[Observation], cfg: DetectorSettings) -> History:
+    """Earlier usable observations comparable with ``obs`` (same sensor and geometry) in the window;
+    ``.recent`` holds the usable estimates of every sensor of the last ``confirm_days`` (for the
+    two-scenes-in-a-row rule)."""
     start = obs.acquired - timedelta(days=cfg.baseline_days)
-    return [
+    recent_start = obs.acquired - timedelta(days=cfg.confirm_days)
+    same = [
         o
         for o in observations
         if o.collection == obs.collection
@@ -77,6 +94,12 @@ def history_for(obs: Observation, observations: Sequence[Observation], cfg: Dete
         and start <= o.acquired < obs.acquired
         and o.usable
     ]
+    recent = sorted(
+        (o for o in observations
+         if recent_start <= o.acquired < obs.acquired and o.usable and o.estimated_cars is not None),
+        key=lambda o: (o.acquired, o.collection),
+    )
+    return History(same, recent)
 
 
 def compute_baseline(history: Sequence[Observation], clip_sigma: float = 4.0) -> Baseline | None:
@@ -96,11 +119,18 @@ def compute_baseline(history: Sequence[Observation], clip_sigma: float = 4.0) ->
     level = statistics.median(kept)
     mad = statistics.median([abs(v - level) for v in kept])
     spread = max(1.4826 * mad, (level + 1.0) ** 0.5, 1.0)
-    return Baseline(level=level, spread=spread, n=len(vals))
+    recent: Sequence[Observation] = getattr(history, "recent", ())
+    prior = bool(recent) and bool(recent[-1].metrics.get("elevated"))
+    return Baseline(level=level, spread=spread, n=len(vals), prior_elevated=prior)
 
 
 def alert_threshold(b: Baseline, cfg: DetectorSettings) -> float:
     return b.level + max(cfg.alert_sigma * b.spread, (cfg.alert_ratio - 1.0) * b.level, cfg.alert_min_cars)
+
+
+def single_scene_threshold(b: Baseline, cfg: DetectorSettings) -> float:
+    """The level one scene alone must exceed to open an alert (without a second elevated scene)."""
+    return b.level + cfg.single_scene_factor * (alert_threshold(b, cfg) - b.level)
 
 
 def _calm(est: float, b: Baseline, thr: float, cfg: DetectorSettings) -> bool:
@@ -123,6 +153,10 @@ def decide(obs: Observation, baseline: Baseline | None, alert: OpenAlert | None,
             return Decision(True, baseline, thr, (), 0,
                             {"why": f"elevated, but only {clear:.0%} of the track seen (opening needs "
                                     f"{cfg.open_min_clear:.0%})"})
+        if elevated and not baseline.prior_elevated and est <= single_scene_threshold(baseline, cfg):
+            return Decision(True, baseline, thr, (), 0,
+                            {"why": "elevated; an alert opens on a second elevated scene in a row, or on one "
+                                    "far above the threshold"})
         return Decision(elevated, baseline, thr, (OPENED,) if elevated else ())
     events: list[str] = []
     if elevated:

@@ -167,12 +167,18 @@ class DetectorSettings(_Section):
     reference_days: int = Field(90, ge=5, le=730)
     min_history: int = Field(6, ge=2, le=100, description="usable observations before any alert")
     baseline_days: int = Field(120, ge=10, le=1000)
-    alert_sigma: float = Field(3.0, gt=0, description="robust z-score that opens an alert")
-    alert_ratio: float = Field(2.2, ge=1, description="activity must also exceed baseline x this")
-    alert_min_cars: float = Field(15.0, ge=0, description="absolute floor above the baseline")
+    alert_sigma: float = Field(2.5, gt=0, description="robust z-score that opens an alert")
+    alert_ratio: float = Field(1.8, ge=1, description="activity must also exceed baseline x this")
+    alert_min_cars: float = Field(5.0, ge=0, description="absolute floor above the baseline")
     resolve_ratio: float = Field(1.3, ge=1)
     escalation_ratio: float = Field(1.5, gt=1)
     open_min_clear: float = Field(0.8, ge=0, le=1, description="share of the track a scene must see to open an alert")
+    confirm_days: float = Field(
+        10.0, gt=0, description="an elevated scene opens an alert when the last usable scene within this many days "
+                                "was elevated too")
+    single_scene_factor: float = Field(
+        2.0, ge=1, description="a single scene opens an alert alone when its excess over the baseline is this many "
+                               "times the threshold's")
     wet_snow_drop_db: float = Field(
         3.0, gt=0, description="radar: surroundings this many dB darker than the same-orbit reference = wet snow")
     car_length_m: float = Field(15.0, gt=0)

@@ -8,7 +8,18 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from railwatch.baseline import CONFIRMED, ESCALATED, OPENED, RESOLVED, OpenAlert, compute_baseline, decide
+from railwatch.baseline import (
+    CONFIRMED,
+    ESCALATED,
+    OPENED,
+    RESOLVED,
+    OpenAlert,
+    alert_threshold,
+    compute_baseline,
+    decide,
+    replay,
+    single_scene_threshold,
+)
 from railwatch.config import DetectorSettings
 from railwatch.detect.change import mean_reference, optical_change, radar_change
 from railwatch.detect.estimate import estimate_cars
@@ -161,6 +172,34 @@ def test_no_alert_before_min_history_and_baseline_ignores_surges() -> None:
     with_surge = [*HISTORY, *(_obs(51 + i, 90, elevated=True) for i in range(5))]
     b = compute_baseline(with_surge)
     assert b is not None and b.level < 15
+
+
+def test_one_elevated_scene_waits_for_a_second_and_a_far_one_opens_alone() -> None:
+    """Persistence: a scene just above the threshold opens nothing alone; the next usable scene (of either
+    sensor) above its own threshold opens the alert; a scene far above it opens at once."""
+    b = compute_baseline(HISTORY)
+    assert b is not None
+    thr, far = alert_threshold(b, CFG), single_scene_threshold(b, CFG)
+    assert thr < far
+    just = (thr + far) / 2
+    d = decide(_obs(60, just), b, None, CFG)
+    assert d.elevated and d.events == ()
+    assert decide(_obs(60, far + 1), b, None, CFG).events == (OPENED,)
+    # Through the replay (which gives the rule the scenes just before): S2 then S1 two days later.
+    rep = replay([*HISTORY, _obs(60, just), *(_obs(60 + i, 13.0, sensor=S1) for i in (-30, -24, -18, -12, -6, -5, -4)),
+                  _obs(62, just, sensor=S1)], CFG)
+    assert [e.opened_acquired for e in rep.episodes] == [T0 + timedelta(days=62)]
+    # A lone elevated scene followed by an ordinary one opens nothing.
+    rep = replay([*HISTORY, _obs(60, just), _obs(65, 13.0), _obs(70, just)], CFG)
+    assert rep.episodes == []
+
+
+def test_the_absolute_floor_lets_a_medium_surge_on_a_quiet_line_through() -> None:
+    """A usual level of 8 cars: 2.5 x (20 cars) is above the threshold (the old 15-car floor made it 23)."""
+    quiet = [_obs(i * 5, 8 + (i % 3) - 1) for i in range(10)]
+    b = compute_baseline(quiet)
+    assert b is not None
+    assert alert_threshold(b, CFG) < 20.0
 
 
 # --- robustness laws of the optical and radar tests -------------------------------------------------

@@ -259,6 +259,27 @@ def test_surge_outside_the_period_is_an_error(tmp_path: Path) -> None:
         sy.simulate(make_aoi(), tmp_path, days=10, seed=1, start=START, surges=[sy.SurgeSpec(date(2023, 1, 1), 50)])
 
 
+def test_default_surges_last_weeks_and_ordinary_days_stay_below_a_medium_surge() -> None:
+    """The truth's premise: surges are build-ups of weeks; ordinary days vary by near-Poisson noise, so
+    that over 18 months an ordinary day stays well below a medium surge (2.5 x the usual level)."""
+    first, last = date(2024, 1, 1), date(2025, 7, 1)
+    days = [first + timedelta(days=i) for i in range((last - first).days + 1)]
+    for seed in (1, 2, 3, 4, 5):
+        usual = sy.usual_level(seed)
+        assert sy.USUAL_RANGE[0] <= usual <= sy.USUAL_RANGE[1]
+        episodes = sy._episodes(sy.default_surges(first, last, seed=seed, usual_cars=usual))
+        lengths = [(ep.end - ep.start).days + 1 for ep in episodes]
+        assert len(lengths) == 2
+        assert sy.MEDIUM_SURGE_DAYS[0] <= lengths[0] <= sy.MEDIUM_SURGE_DAYS[1]
+        assert sy.LARGE_SURGE_DAYS[0] <= lengths[1] <= sy.LARGE_SURGE_DAYS[1]
+        assert episodes[1].end <= last - timedelta(days=4)
+        ordinary = np.array([sy.daily_cars(seed, d, usual, episodes) for d in days
+                             if not any(ep.contains(d) for ep in episodes)])
+        assert np.median(ordinary) == pytest.approx(usual, rel=0.2)
+        assert np.percentile(ordinary, 99) < 2.0 * usual
+        assert ordinary.var() < 1.6 * ordinary.mean()  # near-Poisson (the weekly and slow swings add a little)
+
+
 def test_surge_ramps_up_to_its_peak_and_back() -> None:
     ep = sy.SurgeEpisode(1, date(2024, 5, 1), date(2024, 5, 10), 100)
     means = [sy.daily_mean_cars(1, ep.start + timedelta(days=k), 10.0, [ep]) for k in range(10)]

@@ -11,4 +11,4 @@ from __future__ import annotations
 #: Recorded on every observation; `railwatch reprocess` recomputes observations after it changes.
 #: 2.0.0: core track pixels, PIF normalisation, sub-pixel registration, robust Mahalanobis test,
 #: cloud-edge buffer, wet-snow test, median radar reference with along-track CFAR, calibration.
-DETECTOR_VERSION = "2.0.0"
+DETECTOR_VERSION = "2.1.0"

@@ -52,6 +52,12 @@ S1_SPECKLE_CORRELATION = 2.0
 FALSE_ALARM = 0.01
 #: Radar: the window (pixels) over which the ratio of local means is taken along the track.
 RADAR_WINDOW = 5
+#: Radar: the scene gain is read at this quantile of the track's ratios against the same quantile of
+#: the speckle ratio distribution. Cars only brighten, so the lower tail is car-free as long as less
+#: of the track than this is lit.
+RADAR_GAIN_QUANTILE = 0.25
+#: Radar: passes that re-measure the gain on the track pixels the previous pass found free of cars.
+RADAR_GAIN_REFINE = 1
 #: Optical: the window (pixels, 70 m) over which the surroundings' change is measured.
 SURROUNDINGS_WINDOW = 7
 #: Optical: a surroundings change is projected out only when it is this significant (whitened units).
@@ -406,7 +412,7 @@ def median_reference(stack: Sequence[dict[str, F32]], bands: Sequence[str], vali
 
 def radar_change(
     current: dict[str, F32], reference: dict[str, F32], n_reference: int, track: B, stable: B,
-    *, false_alarm: float = FALSE_ALARM, window: int = RADAR_WINDOW,
+    *, false_alarm: float = FALSE_ALARM, window: int = RADAR_WINDOW, gain_quantile: float | None = None,
 ) -> Change:
     """Ratio of backscatter (VV+VH, linear) to the same-geometry reference: a CFAR test along the track.
 
@@ -415,8 +421,9 @@ def radar_change(
     with 2·k·ENL and 2·k·n·ENL degrees of freedom (k counted in independent samples), so the
     threshold for the false-alarm rate follows from the ENL, not from tuning. The scene gain is
     measured on the track: its lower quartile against the same distribution's (cars only ever
-    brighten, so the lower part of the track's ratios is car-free). ``stable`` is only used for
-    a diagnostic.
+    brighten, so the lower part of the track's ratios is car-free), then again as the median ratio
+    of the track pixels that pass found free of cars (a full yard lights the lower quartile too).
+    ``stable`` is only used for a diagnostic.
     """
     cur = (current["VV"] + current["VH"]).astype(np.float32)
     ref = (reference["VV"] + reference["VH"]).astype(np.float32)
@@ -429,20 +436,28 @@ def radar_change(
     ratio = np.ones_like(cur)
     np.divide(cur, ref, out=ratio, where=valid)
     single = stats.f(2 * S1_ENL, 2 * n_ref * S1_ENL)
-    gain = float(np.quantile(ratio[track], 0.25)) / float(single.ppf(0.25))
-    metrics["gain"] = gain
+    q = RADAR_GAIN_QUANTILE if gain_quantile is None else gain_quantile
+    gain = float(np.quantile(ratio[track], q)) / float(single.ppf(q))
     # Ratio of local means over the track pixels of the window (speckle averages, a consist does not).
     lc = _masked_mean(np.where(track, cur, 0).astype(np.float32), track, window)
     lr = _masked_mean(np.where(track, ref, 0).astype(np.float32), track, window)
     k = _masked_mean(np.ones_like(cur), track, window) * window * window  # track pixels in the window
-    stat = np.zeros_like(cur)
-    np.divide(lc, gain * lr, out=stat, where=track & (lr > 0))
     samples = np.maximum(np.round(k[track]) / S1_SPECKLE_CORRELATION, 1.0)
     levels, inverse = np.unique(samples, return_inverse=True)  # a few distinct window fillings
     thresholds = stats.f.ppf(1.0 - false_alarm, 2 * S1_ENL * levels, 2 * S1_ENL * levels * n_ref)
-    # The per-pixel statistic is the ratio in per cent of its own CFAR threshold: occupied above 100.
+    stat = np.zeros_like(cur)
     excess = np.zeros_like(cur)
-    excess[track] = 100.0 * stat[track] / thresholds[inverse].astype(np.float32)
+    for step in range(1 + RADAR_GAIN_REFINE):
+        if step:
+            # Refine the gain on the track pixels away from what the last pass found occupied: with many
+            # cars (a full yard) the lower quartile itself is lit, and the first gain is too high.
+            free = track & ~ndimage.binary_dilation(excess > 100.0, iterations=window // 2)
+            if int(free.sum()) >= max(30, track.sum() // 4):
+                gain = float(np.median(ratio[free])) / float(single.median())
+        np.divide(lc, gain * lr, out=stat, where=track & (lr > 0))
+        # The per-pixel statistic is the ratio in per cent of its own CFAR threshold: occupied above 100.
+        excess[track] = 100.0 * stat[track] / thresholds[inverse].astype(np.float32)
+    metrics["gain"] = gain
     metrics["threshold"] = 100.0
     metrics["ratio_threshold"] = float(np.median(thresholds[inverse]))
     st = stable & valid

@@ -201,34 +201,48 @@ class SurgeEpisode:
         return self.start <= day <= self.end
 
 
+#: The usual number of cars on site is drawn per seed from this range (Tumangang-Khasan: about 10-15
+#: cars on an ordinary day, never much more than 20 over five years; larger yards hold a few more).
+USUAL_RANGE = (10.0, 18.0)
+#: Surge lengths in days, [low, high] inclusive: build-ups before a shipment or a sanctions-evasion
+#: push last weeks (and a satellite with a 5-12-day revisit must see them several times).
+MEDIUM_SURGE_DAYS = (14, 28)
+LARGE_SURGE_DAYS = (21, 42)
+#: Dispersion (negative-binomial k) of the daily count: near-Poisson on ordinary days (trains run to
+#: a timetable, a yard fills and empties by whole trains but its occupancy is steady), a little more in
+#: a surge. Variance = mean + mean²/k.
+ORDINARY_DISPERSION_K = 60.0
+SURGE_DISPERSION_K = 30.0
+
+
 def usual_level(seed: int) -> float:
-    """The usual number of cars on site for a seed (8-20)."""
-    return float(np.random.default_rng([seed, 3]).uniform(8.0, 20.0))
+    """The usual number of cars on site for a seed (:data:`USUAL_RANGE`, 10-18)."""
+    return float(np.random.default_rng([seed, 3]).uniform(*USUAL_RANGE))
 
 
 def default_surges(start: date, end: date, *, seed: int, usual_cars: float | None = None) -> list[SurgeSpec]:
     """The surge(s) a default simulation contains.
 
-    One large surge (3-5x usual, 8-12 days) starting in the last third of the period and ending
-    at least a few days before its end; periods of 240 days or more also get an earlier, medium
-    surge (2.5-3x) in their first half.
+    One large surge (3-5x usual, 21-42 days) starting in the last third of the period and ending
+    at least four days before its end; periods of 240 days or more also get an earlier, medium
+    surge (2.5-3x, 14-28 days) in their first half. Short periods shorten the surge to fit.
     """
     rng = np.random.default_rng([seed, 9])
     usual = usual_level(seed) if usual_cars is None else usual_cars
     days = (end - start).days + 1
     if days < 1:
         raise ValueError(f"empty period {start}..{end}")
-    length = int(rng.integers(8, 13))
+    length = int(rng.integers(LARGE_SURGE_DAYS[0], LARGE_SURGE_DAYS[1] + 1))
     first = min(end, start + timedelta(days=math.ceil(2 * days / 3)))
     last = end - timedelta(days=length + 4)
-    if last < first:  # a short period: fit the surge between two thirds and the end
-        length = max(1, min(length, (end - first).days - 1))
+    if last < first:  # a short period: fit the surge between two thirds and four days before the end
+        length = max(1, min(length, (end - first).days - 4))
         last = first
     offset = int(rng.integers(0, (last - first).days + 1))
     factor = float(rng.uniform(3.0, 5.0))
     specs = [SurgeSpec(first + timedelta(days=offset), max(1, round(usual * factor)), length)]
     if days >= 240:
-        m_len = int(rng.integers(6, 11))
+        m_len = int(rng.integers(MEDIUM_SURGE_DAYS[0], MEDIUM_SURGE_DAYS[1] + 1))
         m_start = start + timedelta(days=int(rng.integers(days // 6, days // 2 - m_len)))
         specs.insert(0, SurgeSpec(m_start, max(1, round(usual * float(rng.uniform(2.5, 3.0)))), m_len))
     return specs
@@ -319,11 +333,15 @@ _WEEKLY = (1.05, 1.05, 1.0, 1.0, 1.05, 0.92, 0.88)  # Monday..Sunday
 
 
 def daily_mean_cars(seed: int, day: date, usual: float, episodes: Sequence[SurgeEpisode]) -> float:
-    """Expected cars on site on a local day: a slowly varying usual level, a weekly pattern and surges."""
+    """Expected cars on site on a local day: a slowly varying usual level, a weekly pattern and surges.
+
+    The slow swing (periods of 23 days, two months and a year) stays within about ±12 %: the usual
+    level of a border yard moves with the season and the timetable, not by a factor of two.
+    """
     ph = np.random.default_rng([seed, 5]).uniform(0.0, 2 * math.pi, 3)
     t = day.toordinal()
-    slow = (0.15 * math.sin(2 * math.pi * t / 61.0 + ph[0]) + 0.10 * math.sin(2 * math.pi * t / 23.0 + ph[1])
-            + 0.05 * math.sin(2 * math.pi * t / 365.25 + ph[2]))
+    slow = (0.05 * math.sin(2 * math.pi * t / 61.0 + ph[0]) + 0.04 * math.sin(2 * math.pi * t / 23.0 + ph[1])
+            + 0.03 * math.sin(2 * math.pi * t / 365.25 + ph[2]))
     mean = usual * math.exp(slow) * _WEEKLY[day.weekday()]
     for ep in episodes:
         if ep.contains(day):
@@ -336,9 +354,10 @@ def daily_mean_cars(seed: int, day: date, usual: float, episodes: Sequence[Surge
 
 
 def daily_cars(seed: int, day: date, usual: float, episodes: Sequence[SurgeEpisode]) -> int:
-    """Cars on site on a local day: negative binomial around the daily mean (more dispersed than Poisson)."""
+    """Cars on site on a local day: negative binomial around the daily mean, near-Poisson on ordinary
+    days (:data:`ORDINARY_DISPERSION_K`) and a little more dispersed in a surge."""
     mean = daily_mean_cars(seed, day, usual, episodes)
-    k = 30.0 if any(ep.contains(day) for ep in episodes) else 8.0
+    k = SURGE_DISPERSION_K if any(ep.contains(day) for ep in episodes) else ORDINARY_DISPERSION_K
     rng = np.random.default_rng([seed, 4, day.toordinal()])
     return int(rng.negative_binomial(k, k / (k + mean)))
 
