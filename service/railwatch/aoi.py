@@ -629,9 +629,19 @@ def track_mask(aoi: Aoi, crs: Any, transform: Any, shape: tuple[int, int],
     return mask
 
 
+#: Rows of analysis pixels supersampled at a time by :func:`track_coverage` (bounds its memory).
+_COVERAGE_STRIP_ROWS = 16
+
+
 def track_coverage(aoi: Aoi, crs: Any, transform: Any, shape: tuple[int, int],
                    half_width_m: float | None = None) -> npt.NDArray[np.float32]:
-    """Fraction (0..1) of each pixel covered by the buffered tracks, from 5x5 sub-pixel sampling."""
+    """Fraction (0..1) of each pixel covered by the buffered tracks, from 5x5 sub-pixel sampling.
+
+    Supersampled strip by strip (:data:`_COVERAGE_STRIP_ROWS` rows), each over the columns the band
+    reaches in that strip only, and strips the band misses are skipped: memory stays bounded and the
+    work follows the track, not the grid. Sub-pixel centres never lie on a strip's edges, so the
+    result is the same as supersampling the whole window at once.
+    """
     out_shape = (int(shape[0]), int(shape[1]))
     coverage = np.zeros(out_shape, dtype=np.float32)
     band, utm = _track_band_utm(aoi, half_width_m)
@@ -641,20 +651,46 @@ def track_coverage(aoi: Aoi, crs: Any, transform: Any, shape: tuple[int, int],
     # Only supersample the window of pixels the band can touch.
     a, b, c, d, e, f = tuple(transform)[:6]
     inv = ~Affine(a, b, c, d, e, f)
-    minx, miny, maxx, maxy = band.bounds
-    corners = [(x, y) for x in (minx, maxx) for y in (miny, maxy)]
-    cols = [inv.a * x + inv.b * y + inv.c for x, y in corners]
-    rows = [inv.d * x + inv.e * y + inv.f for x, y in corners]
-    c0, c1 = max(0, math.floor(min(cols))), min(out_shape[1], math.ceil(max(cols)))
-    r0, r1 = max(0, math.floor(min(rows))), min(out_shape[0], math.ceil(max(rows)))
+    r0, r1, c0, c1 = _pixel_window(band.bounds, inv, out_shape)
     if c0 >= c1 or r0 >= r1:
         return coverage
     n = _SUPERSAMPLE
-    fine_tr = Affine(a / n, b / n, c + a * c0 + b * r0, d / n, e / n, f + d * c0 + e * r0)
-    fine = _burn(band, fine_tr, ((r1 - r0) * n, (c1 - c0) * n), all_touched=False)
-    window = fine.reshape(r1 - r0, n, c1 - c0, n).mean(axis=(1, 3), dtype=np.float32)
-    coverage[r0:r1, c0:c1] = window
+    if b != 0 or d != 0:  # a rotated grid: no strips, the whole window at once
+        _supersample(band, (a, b, c, d, e, f), coverage, r0, r1, c0, c1, n)
+        return coverage
+    for s0 in range(r0, r1, _COVERAGE_STRIP_ROWS):
+        s1 = min(r1, s0 + _COVERAGE_STRIP_ROWS)
+        ys = (f + e * s0, f + e * s1)
+        xs = (c + a * c0, c + a * c1)
+        part = shapely.clip_by_rect(band, min(xs), min(ys), max(xs), max(ys))
+        if part.is_empty:
+            continue
+        _, _, pc0, pc1 = _pixel_window(part.bounds, inv, out_shape)
+        pc0, pc1 = max(pc0, c0), min(pc1, c1)
+        if pc0 < pc1:
+            _supersample(part, (a, b, c, d, e, f), coverage, s0, s1, pc0, pc1, n)
     return coverage
+
+
+def _pixel_window(bounds: tuple[float, float, float, float], inv: Affine,
+                  shape_: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Rows r0:r1 and columns c0:c1 of the grid that a bounding box touches (clipped to the grid)."""
+    minx, miny, maxx, maxy = bounds
+    corners = [(x, y) for x in (minx, maxx) for y in (miny, maxy)]
+    cols = [inv.a * x + inv.b * y + inv.c for x, y in corners]
+    rows = [inv.d * x + inv.e * y + inv.f for x, y in corners]
+    c0, c1 = max(0, math.floor(min(cols))), min(shape_[1], math.ceil(max(cols)))
+    r0, r1 = max(0, math.floor(min(rows))), min(shape_[0], math.ceil(max(rows)))
+    return r0, r1, c0, c1
+
+
+def _supersample(geom: BaseGeometry, tr: tuple[float, ...], coverage: npt.NDArray[np.float32],
+                 r0: int, r1: int, c0: int, c1: int, n: int) -> None:
+    """Write into ``coverage[r0:r1, c0:c1]`` the share of each pixel's n x n sub-pixel centres in ``geom``."""
+    a, b, c, d, e, f = tr
+    fine_tr = Affine(a / n, b / n, c + a * c0 + b * r0, d / n, e / n, f + d * c0 + e * r0)
+    fine = _burn(geom, fine_tr, ((r1 - r0) * n, (c1 - c0) * n), all_touched=False)
+    coverage[r0:r1, c0:c1] = fine.reshape(r1 - r0, n, c1 - c0, n).mean(axis=(1, 3), dtype=np.float32)
 
 
 def track_length_m(aoi: Aoi) -> float:

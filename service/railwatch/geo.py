@@ -72,8 +72,14 @@ def aoi_grid(aoi: Aoi, resolution: float = RESOLUTION_M, pad_m: float = 0.0) -> 
 
 def reproject_geometry(geom: Any, src_crs: str, dst_crs: str) -> Any:
     """Reproject a shapely geometry (always_xy axis order)."""
+    import numpy as np
+    import shapely
     from pyproj import Transformer
-    from shapely.ops import transform as shp_transform
 
     tr = Transformer.from_crs(src_crs, dst_crs, always_xy=True)
-    return shp_transform(tr.transform, geom)
+
+    def move(xy: Any) -> Any:
+        x, y = tr.transform(xy[:, 0], xy[:, 1])
+        return np.column_stack([x, y])
+
+    return shapely.transform(geom, move)

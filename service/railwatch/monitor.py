@@ -47,6 +47,55 @@ MISSION_START = datetime(2014, 10, 1, tzinfo=UTC)
 
 EventHook = Callable[[Session, AlertEventRow, AlertRow, Aoi, bool], None]
 
+#: Prepared scenes (float bands on the AOI grid) kept for reuse as references: at most this many
+#: bytes of pixels, and at most max(SCENE_CACHE_SCENES, 4 x reference_scenes) scenes. A 100 km² AOI
+#: (1000 x 1000 px) takes 17 MB per Sentinel-2 and 9 MB per Sentinel-1 scene, so its whole working set
+#: (6 references for each of 3 geometries) fits; at 400 km² the least useful scenes are read again
+#: rather than holding the process above ~1.5 GiB (bench/memory.py measures it).
+SCENE_CACHE_BYTES = 512 * 2**20
+SCENE_CACHE_SCENES = 24
+
+_CacheKey = tuple[str, str, datetime]
+
+
+def prepared_nbytes(p: Prepared) -> int:
+    """Bytes of pixels a prepared scene holds (its bands and its usable-pixel mask)."""
+    arrays = [*p.bands.values(), p.quality.clear]
+    return int(sum(getattr(a, "nbytes", 0) for a in arrays))
+
+
+def _eviction_order(
+    cache: OrderedDict[_CacheKey, Prepared], reference_scenes: int, current: tuple[str, str, str] | None = None,
+    used: dict[tuple[str, str, str], int] | None = None,
+) -> list[_CacheKey]:
+    """Cache keys, the first to evict first.
+
+    A scene's group is (AOI, collection, geometry): a scene's references are the latest earlier
+    usable scenes of its group. First go scenes that can never be a reference (not ``ok``/
+    ``partial``), then superseded ones (``reference_scenes`` newer usable scenes of their group are
+    cached), oldest first. Then, when the budget cannot hold every group's references, the group
+    needed last goes first: groups are visited in turn (Sentinel-2, then each orbit of Sentinel-1),
+    so that is the ``current`` group (just used), then the other groups most recently used first,
+    each oldest scene first. Plain LRU would evict exactly the group needed next, every time.
+    """
+    def group(k: _CacheKey) -> tuple[str, str, str]:
+        return (k[0], k[1], cache[k].geometry_key)
+
+    unusable = [k for k, p in cache.items() if p.quality.status not in ("ok", "partial")]
+    skip = set(unusable)
+    newer: Counter[tuple[str, str, str]] = Counter()
+    superseded: list[_CacheKey] = []
+    for k in sorted((k for k in cache if k not in skip), key=lambda k: k[2], reverse=True):
+        if newer[group(k)] >= reference_scenes:
+            superseded.append(k)
+        newer[group(k)] += 1
+    superseded.reverse()  # the oldest first
+    skip.update(superseded)
+    last = used or {}
+    rest = sorted((k for k in cache if k not in skip),
+                  key=lambda k: (group(k) != current, -last.get(group(k), 0), k[2]))
+    return unusable + superseded + rest
+
 
 @dataclass
 class AoiResult:
@@ -105,6 +154,11 @@ class Monitor:
         self.event_hook = event_hook if event_hook is not None else _default_event_hook(settings, store)
         self._contexts: dict[str, AoiContext] = {}
         self._prepared: OrderedDict[tuple[str, str, datetime], Prepared] = OrderedDict()
+        self._prepared_bytes = 0
+        self._uses = 0  # a clock of cache look-ups: when each scene group was last used
+        self._group_used: dict[tuple[str, str, str], int] = {}
+        #: Byte budget of the prepared-scene cache (see :data:`SCENE_CACHE_BYTES`).
+        self.cache_bytes = SCENE_CACHE_BYTES
 
     # --- entry points -----------------------------------------------------------------------
     def poll(self, aoi: Aoi, *, progress: Callable[[int, int], None] | None = None) -> AoiResult:
@@ -229,15 +283,32 @@ class Monitor:
 
     def _load(self, ctx: AoiContext, ref: SceneRef, cfg: DetectorSettings) -> Prepared:
         key = (ctx.aoi.id, ref.collection, utc(ref.acquired))
+        self._uses += 1
         hit = self._prepared.get(key)
         if hit is not None:
             self._prepared.move_to_end(key)
+            self._group_used[(key[0], key[1], hit.geometry_key)] = self._uses
             return hit
         prepared = prepare(ctx, ref, self.provider.fetch(ctx.aoi, ref), cfg)
         self._prepared[key] = prepared
-        while len(self._prepared) > max(24, 4 * cfg.reference_scenes):
-            self._prepared.popitem(last=False)
+        self._prepared_bytes += prepared_nbytes(prepared)
+        group = (key[0], key[1], prepared.geometry_key)
+        self._group_used[group] = self._uses
+        self._trim_cache(group, cfg)
         return prepared
+
+    def _trim_cache(self, current: tuple[str, str, str], cfg: DetectorSettings) -> None:
+        """Hold the prepared-scene cache within max(:data:`SCENE_CACHE_SCENES`, 4 x reference_scenes)
+        scenes and :attr:`cache_bytes` bytes, evicting in :func:`_eviction_order` (``current`` is the
+        group of the scene just loaded). Evicting a scene the caller still holds only uncaches it.
+        """
+        limit = max(SCENE_CACHE_SCENES, 4 * cfg.reference_scenes)
+        if len(self._prepared) <= limit and self._prepared_bytes <= self.cache_bytes:
+            return
+        for victim in _eviction_order(self._prepared, cfg.reference_scenes, current, self._group_used):
+            if len(self._prepared) <= limit and self._prepared_bytes <= self.cache_bytes:
+                break
+            self._prepared_bytes -= prepared_nbytes(self._prepared.pop(victim))
 
     def _references(
         self, ctx: AoiContext, ref: SceneRef, gkey: str, history: Sequence[Observation],
@@ -416,6 +487,7 @@ class Monitor:
         history: list[Observation] = [replayer.step(o) for o in old if o.acquired < start]
         fresh: list[Observation] = []
         self._prepared.clear()  # the detector or the AOI changed: nothing cached is trusted
+        self._prepared_bytes = 0
         for i, o in enumerate(todo):
             ref = scenes.get((o.collection, o.acquired)) or SceneRef(aoi.id, o.collection, o.acquired)
             try:
