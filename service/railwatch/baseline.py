@@ -11,10 +11,13 @@ An alert opens when ``estimated_cars`` exceeds
     threshold = level + max(alert_sigma × spread, (alert_ratio − 1) × level, alert_min_cars)
 
 after at least ``min_history`` baseline observations, on a scene that saw at least
-``open_min_clear`` of the track (a partial scene's estimate is extrapolated from a part), and only
-when the last usable scene before it (any sensor, within ``confirm_days``) was above its threshold
-too, or when this scene alone is ``single_scene_factor`` times as far above the baseline as the
-threshold: one noisy scene does not open an alert, a surge (weeks long) is seen twice in a row. While
+``open_min_clear`` of the track (a partial scene's estimate is extrapolated from a part; an optical
+scene must see ``open_min_clear_optical`` of it: no cloud or shadow within the grown mask), and only
+when the last judged scene before it (any sensor, within ``confirm_days``, with a baseline and a
+threshold) was above its threshold too, or when this radar scene alone is ``single_scene_factor``
+times as far above the baseline as the threshold: one noisy scene does not open an alert, a surge
+(weeks long) is seen twice in a row. An optical scene never opens alone (``optical_opens_alone``):
+its count misses or inflates whole car types (docs/detector.md §9). While
 open it updates (latest and peak), is confirmed by a second elevated pass or by the other sensor,
 escalates once when an estimate reaches ``escalation_ratio`` × the opening estimate, and resolves
 after two usable observations back near the baseline (below ``resolve_ratio`` × baseline or
@@ -33,7 +36,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from railwatch.config import DetectorSettings
-from railwatch.domain import Observation
+from railwatch.domain import S2, Observation
 
 OPENED, CONFIRMED, ESCALATED, RESOLVED = "alert.opened", "alert.confirmed", "alert.escalated", "alert.resolved"
 QUIET_TO_RESOLVE = 2
@@ -119,7 +122,9 @@ def compute_baseline(history: Sequence[Observation], clip_sigma: float = 4.0) ->
     level = statistics.median(kept)
     mad = statistics.median([abs(v - level) for v in kept])
     spread = max(1.4826 * mad, (level + 1.0) ** 0.5, 1.0)
-    recent: Sequence[Observation] = getattr(history, "recent", ())
+    # The persistence test looks at the last scene that was judged: one still building its reference
+    # or its baseline (no threshold) cannot say whether the yard was elevated, and must not reset it.
+    recent = [o for o in getattr(history, "recent", ()) if "threshold_cars" in o.metrics]
     prior = bool(recent) and bool(recent[-1].metrics.get("elevated"))
     return Baseline(level=level, spread=spread, n=len(vals), prior_elevated=prior)
 
@@ -149,14 +154,17 @@ def decide(obs: Observation, baseline: Baseline | None, alert: OpenAlert | None,
     elevated = est > thr
     if alert is None:
         clear = 1.0 if obs.clear_fraction is None else float(obs.clear_fraction)
-        if elevated and clear < cfg.open_min_clear:
+        optical = obs.collection == S2
+        min_clear = max(cfg.open_min_clear, cfg.open_min_clear_optical) if optical else cfg.open_min_clear
+        if elevated and clear < min_clear:
             return Decision(True, baseline, thr, (), 0,
                             {"why": f"elevated, but only {clear:.0%} of the track seen (opening needs "
-                                    f"{cfg.open_min_clear:.0%})"})
-        if elevated and not baseline.prior_elevated and est <= single_scene_threshold(baseline, cfg):
-            return Decision(True, baseline, thr, (), 0,
-                            {"why": "elevated; an alert opens on a second elevated scene in a row, or on one "
-                                    "far above the threshold"})
+                                    f"{min_clear:.0%})"})
+        alone = not optical or cfg.optical_opens_alone
+        if elevated and not baseline.prior_elevated and (not alone or est <= single_scene_threshold(baseline, cfg)):
+            why = ("elevated; an alert opens on a second elevated scene in a row, or on one (radar) far above the "
+                   "threshold") if alone else "elevated; an optical scene opens an alert only as the second elevated scene in a row"
+            return Decision(True, baseline, thr, (), 0, {"why": why})
         return Decision(elevated, baseline, thr, (OPENED,) if elevated else ())
     events: list[str] = []
     if elevated:

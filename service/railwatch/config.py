@@ -173,6 +173,10 @@ class DetectorSettings(_Section):
     resolve_ratio: float = Field(1.3, ge=1)
     escalation_ratio: float = Field(1.5, gt=1)
     open_min_clear: float = Field(0.8, ge=0, le=1, description="share of the track a scene must see to open an alert")
+    open_min_clear_optical: float = Field(
+        0.99, ge=0, le=1, description="share of the track an optical scene must see to open an alert (cloud edges)")
+    optical_opens_alone: bool = Field(
+        False, description="an optical scene far above the threshold opens an alert alone (else only radar does)")
     confirm_days: float = Field(
         10.0, gt=0, description="an elevated scene opens an alert when the last usable scene within this many days "
                                 "was elevated too")

@@ -346,7 +346,10 @@ class Monitor:
         except ProviderError as exc:
             return Observation(status="failed", reason=str(exc), detector_version=DETECTOR_VERSION, **base)
         refs = self._references(ctx, ref, scene.geometry_key, history, sources, cfg)
-        cal = calibration.get(ref.collection)
+        from railwatch.detect.calibrate import geometry_key_of
+
+        # A radar geometry calibrated on its own (its level brought to the sensor's) wins over the sensor's.
+        cal = calibration.get(geometry_key_of(ref.collection, scene.geometry_key)) or calibration.get(ref.collection)
         return analyse(
             ctx, scene, refs, cfg,
             scale=cal.scale if cal else 1.0,
@@ -537,15 +540,24 @@ class Monitor:
     def recalibrate(self, aoi: Aoi) -> dict[str, Any]:
         """Refit the per-sensor scale from the counts kept on the observations and rescale the estimates."""
         from railwatch.baseline import Replayer
-        from railwatch.detect.calibrate import fit_scale
+        from railwatch.detect.calibrate import fit_scale, geometry_factors, geometry_key_of
         from railwatch.detect.estimate import interval
 
         cfg = effective_detector(self.settings, aoi.settings.get("detector"))
         obs = self.store.observations(aoi.id)
         report: dict[str, Any] = {"aoi": aoi.id, "sensors": {}}
         cals = {}
+        # Per sensor, each geometry's raw counts are first brought to the sensor's common level (the
+        # geometries see the same yard from different angles: detect.calibrate.geometry_factors), then
+        # one scale is fitted to all the sensor's counts.
+        factors: dict[str, dict[str, float]] = {}
         for sensor in sorted({o.collection for o in obs}):
-            pairs = [(float(o.metrics["raw_cars"]), float(o.metrics["analyst_cars"])) for o in obs
+            factors[sensor] = geometry_factors(
+                (o.geometry_key, float(o.metrics["raw_cars"])) for o in obs
+                if o.collection == sensor and o.usable and "raw_cars" in o.metrics)
+            f = factors[sensor]
+            pairs = [(float(o.metrics["raw_cars"]) * f.get(o.geometry_key, 1.0), float(o.metrics["analyst_cars"]))
+                     for o in obs
                      if o.collection == sensor and o.usable and "analyst_cars" in o.metrics and "raw_cars" in o.metrics]
             if not pairs:
                 continue
@@ -557,24 +569,30 @@ class Monitor:
             cals[sensor] = cal
             report["sensors"][sensor] = {"counts": cal.n, "scale": round(cal.scale, 4),
                                          "log_sigma": round(cal.log_sigma, 4), "residual_sd": round(cal.residual_sd, 4)}
+            if len(f) > 1:
+                report["sensors"][sensor]["geometry_factors"] = {g: round(v, 4) for g, v in sorted(f.items())}
         if not cals:
             return report
         with self.store.session() as s:
             for sensor, cal in cals.items():
                 self.store.save_calibration(s, aoi.id, sensor, scale=cal.scale, log_sigma=cal.log_sigma, n_counts=cal.n,
                                             now=self.clock.now())
+                for g, v in factors[sensor].items() if len(factors[sensor]) > 1 else ():
+                    self.store.save_calibration(s, aoi.id, geometry_key_of(sensor, g), scale=cal.scale * v,
+                                                log_sigma=cal.log_sigma, n_counts=cal.n, now=self.clock.now())
         updated = []
         for o in obs:
             fitted = cals.get(o.collection)
             if fitted is None or not o.usable or "raw_cars" not in o.metrics:
                 updated.append(o)
                 continue
-            est = interval(float(o.metrics["raw_cars"]), float(o.metrics.get("raw_cars_sd", 0.0)), fitted.scale,
+            scale = fitted.scale * factors[o.collection].get(o.geometry_key, 1.0)
+            est = interval(float(o.metrics["raw_cars"]), float(o.metrics.get("raw_cars_sd", 0.0)), scale,
                            fitted.log_sigma)
             updated.append(replace(
                 o, estimated_cars=round(est.cars, 2), estimated_cars_low=round(est.low, 2),
                 estimated_cars_high=round(est.high, 2),
-                metrics=dict(o.metrics) | {"scale": round(fitted.scale, 4), "log_sigma": round(fitted.log_sigma, 4)},
+                metrics=dict(o.metrics) | {"scale": round(scale, 4), "log_sigma": round(fitted.log_sigma, 4)},
             ))
         # Baselines and thresholds follow the new scale; alerts already decided are left as they were.
         replayer = Replayer(cfg)

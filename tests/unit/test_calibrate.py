@@ -13,7 +13,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from railwatch.config import Settings
-from railwatch.detect.calibrate import Count, CountsError, assign_counts, fit_scale, read_counts
+from railwatch.detect.calibrate import (
+    Count,
+    CountsError,
+    assign_counts,
+    fit_scale,
+    geometry_factors,
+    geometry_key_of,
+    read_counts,
+)
 from railwatch.detect.estimate import Z80, estimate_cars, interval
 from railwatch.domain import S1, S2, Aoi, Observation
 from railwatch.monitor import Monitor
@@ -133,3 +141,42 @@ def test_calibrate_updates_recorded_estimates_and_sends_nothing(tmp_path: Path) 
     assert np.median(errors) < 0.12 and max(errors) < math.log(1.6)
     assert sum("analyst_cars" in o.metrics for o in obs) == 6
     assert sent == [] and store.alerts(aoi_id=aoi.id) == []
+
+
+def test_geometry_factors_bring_each_radar_geometry_to_the_common_level() -> None:
+    """Two geometries read the same yard at 2 : 1; the factors bring both to the pooled median."""
+    rows = [("asc", 20.0 + i % 3) for i in range(20)] + [("desc", 10.0 + (i % 3) / 2) for i in range(20)]
+    f = geometry_factors(rows)
+    assert f["asc"] * 21 == pytest.approx(f["desc"] * 10.5, rel=0.1)
+    assert 0.25 <= f["desc"] <= 4 and f["desc"] > 1 > f["asc"]
+    # One geometry, too few scenes or a zero level: nothing to compare, factor 1.
+    assert geometry_factors([("asc", 5.0)] * 10) == {"asc": 1.0}
+    assert geometry_factors(rows + [("new", 50.0)] * 3)["new"] == 1.0
+    assert geometry_factors(rows + [("dead", 0.0)] * 10)["dead"] == 1.0
+
+
+def test_calibration_scales_each_radar_geometry_to_the_same_cars(tmp_path: Path) -> None:
+    """Descending reads the yard at half the ascending raw count: three counts (two of them on the
+    ascending pass) calibrate both, and the per-geometry scale is applied to new scenes."""
+    store = Store(f"sqlite:///{tmp_path / 'rw.db'}")
+    settings = Settings.model_validate({"store": {"url": store.url}})
+    aoi = _aoi()
+    with store.session() as s:
+        for i in range(40):
+            truth = 15 + 5 * math.sin(i / 4)
+            geom, per_car = ("ascending:134", 4.0) if i % 2 == 0 else ("descending:61", 2.0)
+            raw = truth * per_car
+            store.save_observation(s, Observation(
+                aoi.id, S1, T0 + timedelta(days=3 * i), "ok", estimated_cars=raw, estimated_cars_low=raw / 2,
+                estimated_cars_high=raw * 2, clear_fraction=1.0, geometry_key=geom,
+                metrics={"raw_cars": raw, "raw_cars_sd": 1.0}, detector_version="test"))
+    monitor = Monitor(settings, store, _NoProvider(), event_hook=lambda *a: None)  # type: ignore[arg-type]
+    counts = [Count(T0 + timedelta(days=3 * i, hours=12), 15 + 5 * math.sin(i / 4)) for i in (4, 10, 21)]
+    report = monitor.calibrate(aoi, counts)
+    assert set(report["sensors"][S1]["geometry_factors"]) == {"ascending:134", "descending:61"}
+    for o in store.observations(aoi.id):
+        truth = 15 + 5 * math.sin(((o.acquired - T0).days // 3) / 4)
+        assert o.estimated_cars == pytest.approx(truth, rel=0.1)
+    cals = store.calibrations(aoi.id)
+    assert cals[geometry_key_of(S1, "descending:61")].scale == pytest.approx(0.5, rel=0.1)
+    assert cals[geometry_key_of(S1, "ascending:134")].scale == pytest.approx(0.25, rel=0.1)

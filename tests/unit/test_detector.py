@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -153,10 +154,10 @@ def test_unusable_scenes_never_open_alerts(status: str, cars: float) -> None:
 def test_alert_lifecycle() -> None:
     b = compute_baseline(HISTORY)
     assert b is not None and 12 <= b.level <= 14
-    d = decide(_obs(60, 70), b, None, CFG)
+    d = decide(_obs(60, 70, sensor=S1), b, None, CFG)
     assert d.events == (OPENED,)
-    alert = OpenAlert(S2, T0 + timedelta(days=60), 70, 70, "provisional", False)
-    d = decide(_obs(62, 72, sensor=S1), b, alert, CFG)
+    alert = OpenAlert(S1, T0 + timedelta(days=60), 70, 70, "provisional", False)
+    d = decide(_obs(62, 72), b, alert, CFG)
     assert CONFIRMED in d.events
     alert = OpenAlert(S2, T0 + timedelta(days=60), 70, 72, "confirmed", False)
     assert decide(_obs(65, 110), b, alert, CFG).events == (ESCALATED,)
@@ -184,7 +185,15 @@ def test_one_elevated_scene_waits_for_a_second_and_a_far_one_opens_alone() -> No
     just = (thr + far) / 2
     d = decide(_obs(60, just), b, None, CFG)
     assert d.elevated and d.events == ()
-    assert decide(_obs(60, far + 1), b, None, CFG).events == (OPENED,)
+    assert decide(_obs(60, far + 1, sensor=S1), b, None, CFG).events == (OPENED,)
+    # An optical scene never opens alone, however far above (its count misses or inflates car types) ...
+    assert decide(_obs(60, far + 1), b, None, CFG).events == ()
+    # ... nor as the second scene in a row when cloud or shadow is on (the grown mask of) the track.
+    prior = replace(b, prior_elevated=True)
+    assert decide(_obs(60, just), prior, None, CFG).events == (OPENED,)
+    cloud_edge = replace(_obs(60, just), clear_fraction=0.95)
+    assert decide(cloud_edge, prior, None, CFG).events == ()
+    assert decide(replace(cloud_edge, collection=S1, geometry_key="asc:1"), prior, None, CFG).events == (OPENED,)
     # Through the replay (which gives the rule the scenes just before): S2 then S1 two days later.
     rep = replay([*HISTORY, _obs(60, just), *(_obs(60 + i, 13.0, sensor=S1) for i in (-30, -24, -18, -12, -6, -5, -4)),
                   _obs(62, just, sensor=S1)], CFG)
@@ -192,6 +201,12 @@ def test_one_elevated_scene_waits_for_a_second_and_a_far_one_opens_alone() -> No
     # A lone elevated scene followed by an ordinary one opens nothing.
     rep = replay([*HISTORY, _obs(60, just), _obs(65, 13.0), _obs(70, just)], CFG)
     assert rep.episodes == []
+    # A scene that could not be judged (its geometry still building its baseline) between two elevated
+    # scenes does not break the run: the second elevated scene opens the alert.
+    radar = [_obs(60 + i, 13.0, sensor=S1) for i in (-30, -24, -18, -12, -6, -5, -4)]
+    fresh = Observation("a", S1, T0 + timedelta(days=61), "ok", estimated_cars=13.0, geometry_key="desc:9")
+    rep = replay([*HISTORY, *radar, _obs(60, just), fresh, _obs(62, just, sensor=S1)], CFG)
+    assert [e.opened_acquired for e in rep.episodes] == [T0 + timedelta(days=62)]
 
 
 def test_the_absolute_floor_lets_a_medium_surge_on_a_quiet_line_through() -> None:
@@ -327,14 +342,15 @@ def test_replay_matches_the_live_rule_and_processing_twice_opens_once() -> None:
     history = [*HISTORY, _obs(60, 70), _obs(62, 72, sensor=S1), _obs(65, 110), _obs(70, 12), _obs(75, 13)]
     history = [Observation(o.aoi_id, o.collection, o.acquired, o.status, estimated_cars=o.estimated_cars,
                            clear_fraction=1.0, geometry_key="optical") for o in history]
-    rep = replay(history, CFG)
+    cfg = CFG.model_copy(update={"optical_opens_alone": True})  # the first optical scene opens it alone
+    rep = replay(history, cfg)
     assert len(rep.episodes) == 1
     ep = rep.episodes[0]
     # the radar pass has no baseline of its own yet; the second optical pass confirms and escalates
     assert [e for e, _ in ep.events] == [OPENED, CONFIRMED, ESCALATED, RESOLVED]
     assert ep.peak_cars == 110 and ep.state == "resolved"
     # the same scenes replayed again (a scene processed twice) give the same single alert
-    again = replay([*history, *history[-3:]], CFG)
+    again = replay([*history, *history[-3:]], cfg)
     assert len(again.episodes) == 1
 
 

@@ -11,4 +11,7 @@ from __future__ import annotations
 #: Recorded on every observation; `railwatch reprocess` recomputes observations after it changes.
 #: 2.0.0: core track pixels, PIF normalisation, sub-pixel registration, robust Mahalanobis test,
 #: cloud-edge buffer, wet-snow test, median radar reference with along-track CFAR, calibration.
-DETECTOR_VERSION = "2.1.0"
+#: 2.1.0: radar gain re-measured on car-free track pixels, two-scene opening rule.
+#: 2.2.0: per-geometry radar calibration, optical scenes never open an alert alone (nor near cloud),
+#: the persistence test skips scenes that could not be judged.
+DETECTOR_VERSION = "2.2.0"

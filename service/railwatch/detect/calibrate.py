@@ -167,3 +167,43 @@ def fit_scale(pairs: Sequence[tuple[float, float]], *, prior_log_sigma: float = 
     sigma = math.sqrt((prior_weight * prior_log_sigma**2 + ss) / (prior_weight + max(n - 1, 0)))
     return Calibration(scale=scale, log_sigma=sigma * math.sqrt(1.0 + 1.0 / n), n=n,
                        residual_sd=float(np.std(r)) if n > 1 else 0.0)
+
+
+#: A geometry needs this many usable scenes before its level is compared with the others'.
+GEOMETRY_MIN_SCENES = 6
+#: Geometries are not assumed to differ by more than this factor (a wilder ratio is a broken archive).
+GEOMETRY_FACTOR_RANGE = (0.25, 4.0)
+#: Separator of the per-geometry calibration keys (``sentinel-1-grd|descending:61``).
+GEOMETRY_SEP = "|"
+
+
+def geometry_key_of(sensor: str, geometry: str) -> str:
+    """The calibration key of one radar geometry of ``sensor``."""
+    return f"{sensor}{GEOMETRY_SEP}{geometry}"
+
+
+def geometry_factors(rows: Iterable[tuple[str, float]], *, min_scenes: int = GEOMETRY_MIN_SCENES) -> dict[str, float]:
+    """Per geometry, the factor that brings its raw counts to the sensor's common level.
+
+    Ascending and descending passes (and different relative orbits) see the same yard under
+    different incidence and aspect angles, so the same cars light a different number of pixels. Over
+    months every geometry sees the same traffic, so the ratio of their usual raw counts (medians of
+    ``(geometry, raw)`` over the usable scenes: robust to the surges and outliers every geometry
+    shares) is their relative sensitivity. Each geometry is scaled to the median raw count of all
+    scenes; a geometry with fewer than ``min_scenes`` scenes, or whose median is 0, keeps 1.
+    """
+    by: dict[str, list[float]] = {}
+    for g, raw in rows:
+        by.setdefault(g, []).append(max(0.0, float(raw)))
+    pooled = [v for vs in by.values() for v in vs]
+    if len(by) < 2 or not pooled:
+        return {g: 1.0 for g in by}
+    common = float(np.median(pooled))
+    out: dict[str, float] = {}
+    for g, vs in by.items():
+        med = float(np.median(vs))
+        if len(vs) < min_scenes or med <= 0 or common <= 0:
+            out[g] = 1.0
+        else:
+            out[g] = float(np.clip(common / med, *GEOMETRY_FACTOR_RANGE))
+    return out
