@@ -570,18 +570,68 @@ def _run_aois(settings: Any, aois: list[Aoi], runner: Callable[[Any, Aoi, Callab
     return results, failures
 
 
-def cmd_backfill(args: argparse.Namespace) -> int:
-    from railwatch.monitor import Monitor
+def _run_jobs(settings: Any, executor: Any, jobs: list[Any], show_progress: bool) -> tuple[list[Any], int]:
+    """Run AOI jobs on the executor ([executor], docs/scale-out.md); returns results and the failure count.
 
-    settings = load(args)
+    One at a time (``max_workers = 1`` or a single AOI, local): in this thread with a progress bar of
+    scenes per AOI. Otherwise concurrently, with one bar of AOIs done; a credentials error is
+    raised once every job has finished.
+    """
+    if executor.kind == "local" and (executor.max_workers <= 1 or len(jobs) <= 1):
+        by_id = {j.aoi.id: j for j in jobs}
+        return _run_aois(settings, [j.aoi for j in jobs],
+                         lambda _s, a, prog: executor.run_one(by_id[a.id], progress=prog), show_progress)
+    done = 0
+    with progress_bar(f"{len(jobs)} AOIs, {executor.max_workers} at once ({executor.kind})", show_progress) as prog:
+        prog(0, len(jobs))
+
+        def on_done(_outcome: Any) -> None:
+            nonlocal done
+            done += 1
+            prog(done, len(jobs))
+
+        outcomes = executor.map(jobs, on_done=on_done)
+    failures = 0
+    results = []
+    for o in outcomes:
+        a = o.job.aoi
+        if o.error is not None:
+            if isinstance(o.error, CredentialsError):
+                raise o.error
+            log.error("AOI %s failed: %s", a.id, o.error, extra={"aoi": a.id})
+            failures += 1
+            continue
+        res = o.result
+        results.append(res)
+        if res.error:
+            failures += 1
+        log.info("AOI %s: %d scene(s) found, %d new %s%s", a.id, res.found, res.new, dict(res.statuses),
+                 f", error: {res.error}" if res.error else "", extra={"aoi": a.id})
+    return results, failures
+
+
+def _with_workers(settings: Any, args: argparse.Namespace) -> Any:
+    """``--workers N`` overrides ``[executor] max_workers``."""
+    workers = getattr(args, "workers", None)
+    if workers is not None:
+        if not 1 <= workers <= 256:
+            raise UsageError(f"--workers: expected a number from 1 to 256, got {workers}")
+        settings.executor.max_workers = workers
+    return settings
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from railwatch.clock import SystemClock
+    from railwatch.executor import AoiJob, executor_for
+    from railwatch.monitor import MISSION_START
+
+    settings = _with_workers(load(args), args)
     aois, errors = load_aois(settings, args.aoi)
     store = open_store(settings)
-    monitor = Monitor(settings, store, make_provider(settings))
-    results, failures = _run_aois(
-        settings, aois,
-        lambda _s, a, prog: monitor.backfill(a, args.since, args.until, notify=args.notify, progress=prog),
-        not args.no_progress,
-    )
+    since, until = args.since or MISSION_START, args.until or SystemClock().now()
+    jobs = [AoiJob(aoi=a, since=since, until=until, suppressed=not args.notify, kind="backfill") for a in aois]
+    with executor_for(settings, store, make_provider(settings)) as executor:
+        results, failures = _run_jobs(settings, executor, jobs, not args.no_progress)
     events = [e for r in results for e in r.events]
     opened = sum(1 for _, t in events if t == "alert.opened")
     _stderr_console().print(
@@ -650,11 +700,13 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
 
 
 def run_once(settings: Any, store: Any, provider: Any, aois: list[Aoi], show_progress: bool = False) -> int:
-    """One polling pass over every AOI; returns the number of AOIs that failed."""
-    from railwatch.monitor import Monitor
+    """One polling pass over every AOI on the configured executor; returns the number of AOIs that failed."""
+    from railwatch.clock import SystemClock
+    from railwatch.executor import executor_for, poll_jobs
 
-    monitor = Monitor(settings, store, provider)
-    _results, failures = _run_aois(settings, aois, lambda _s, a, prog: monitor.poll(a, progress=prog), show_progress)
+    jobs = poll_jobs(settings, aois, SystemClock().now())
+    with executor_for(settings, store, provider) as executor:
+        _results, failures = _run_jobs(settings, executor, jobs, show_progress)
     try:
         from railwatch.alerts.outbox import dispatch_pending
     except ImportError:
@@ -666,7 +718,7 @@ def run_once(settings: Any, store: Any, provider: Any, aois: list[Aoi], show_pro
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    settings = load(args)
+    settings = _with_workers(load(args), args)
     store = open_store(settings)
     provider = make_provider(settings)
     if args.once:
@@ -944,10 +996,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--since", type=_parse_date, help="first acquisition date (default: mission start)")
     b.add_argument("--until", type=_parse_date, help="last acquisition date (default: now)")
     b.add_argument("--notify", action="store_true", help="also notify subscribers of alerts opened by this backfill")
+    b.add_argument("--workers", type=int, metavar="N", help="AOIs processed at once (default: [executor] max_workers)")
     b.set_defaults(func=cmd_backfill)
 
     r = sub.add_parser("run", parents=[quiet], help="poll for new imagery (daemon), or one pass with --once")
     r.add_argument("--once", action="store_true", help="one polling pass over all AOIs, then exit")
+    r.add_argument("--workers", type=int, metavar="N", help="AOIs polled at once (default: [executor] max_workers)")
     r.set_defaults(func=cmd_run)
 
     h = sub.add_parser("history", parents=[fmt], help="one row per scene of an AOI")

@@ -246,6 +246,32 @@ class DaemonSettings(_Section):
         return v
 
 
+class ExecutorSettings(_Section):
+    """``[executor]``: where per-AOI jobs of ``run --once``, ``backfill`` and the daemon run (docs/scale-out.md).
+
+    ``local``: a thread pool in this process, one Monitor per job, one shared provider (its
+    ``max_concurrent_requests`` caps requests in flight). ``dask``: each AOI job is submitted to a Dask
+    cluster (``address``; none = an in-process ``LocalCluster``) under a deterministic key, with
+    ``max_concurrent_requests`` as a cluster-wide cap on provider requests.
+    """
+
+    kind: Literal["local", "dask"] = "local"
+    #: ``tcp://host:8786`` of a running ``dask scheduler``; "" = start an in-process LocalCluster (dask only).
+    address: str = ""
+    max_workers: int = Field(4, ge=1, le=256, description="AOI jobs run at the same time")
+    #: Provider requests in flight across the whole Dask cluster (a distributed.Semaphore); unset =
+    #: ``[imagery.sentinelhub] max_concurrent_requests``. Each process also keeps its own cap.
+    max_concurrent_requests: int | None = Field(None, ge=1, le=1024)
+    retries: int = Field(2, ge=0, le=10, description="dask: re-runs of a job that crashed or lost its worker")
+
+    @field_validator("address")
+    @classmethod
+    def _dask_address(cls, v: str) -> str:
+        if v and not re.match(r"^(tcp|tls|ucx|inproc)://", v):
+            raise ValueError(f'expected a Dask scheduler address such as "tcp://127.0.0.1:8786" (or ""), got {v!r}')
+        return v
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -257,6 +283,7 @@ class Settings(_Section):
     store: StoreSettings = Field(default_factory=StoreSettings)
     detector: DetectorSettings = Field(default_factory=DetectorSettings)
     daemon: DaemonSettings = Field(default_factory=DaemonSettings)
+    executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     subscribers: SubscriberList = Field(default_factory=list)

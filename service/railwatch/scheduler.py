@@ -497,6 +497,8 @@ class Daemon:
         self._signals = 0
         self._outbox: Any = None
         self._reminders: Any = None
+        #: ``[executor] kind = "dask"``: polls run on the cluster (connected at start); None = here.
+        self.executor: Any = None
         try:
             from railwatch.alerts import outbox
 
@@ -525,6 +527,11 @@ class Daemon:
         self.scheduler = self._build_scheduler()
         _ACTIVE = self
         try:
+            if self.settings.executor.kind == "dask" and self.executor is None:
+                from railwatch.executor import DaskExecutor
+
+                self.executor = DaskExecutor(self.settings, clock=self.clock)
+                log.info("poll jobs run on the Dask cluster %s", self.settings.executor.address or "(in-process)")
             with contextlib.suppress(RailwatchError, SQLAlchemyError):
                 self.metrics.prime_usage(self._usage())
             self.scheduler.start(paused=True)
@@ -554,6 +561,8 @@ class Daemon:
             raise
         finally:
             _ACTIVE = None
+            if self.executor is not None:
+                self.executor.close()
 
     def _main_loop(self) -> None:
         rescan = self.settings.daemon.rescan_seconds
@@ -662,7 +671,7 @@ class Daemon:
                 raise ConfigError([f"[daemon] jobstore_url: cannot use {redact_url(url)}: {exc}"]) from exc
         sched = BackgroundScheduler(
             jobstores={AOI_STORE: persistent, INTERNAL_STORE: MemoryJobStore()},
-            executors={"default": ThreadPoolExecutor(self.settings.daemon.workers),
+            executors={"default": ThreadPoolExecutor(self._poll_threads()),
                        INTERNAL_STORE: ThreadPoolExecutor(1)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone=UTC,
@@ -670,6 +679,13 @@ class Daemon:
         sched.add_listener(self._on_scheduler_event, EVENT_JOB_ERROR | EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)
         logging.getLogger("apscheduler.scheduler").addFilter(_drop_max_instances)
         return sched
+
+    def _poll_threads(self) -> int:
+        """Polls at once: ``[daemon] workers``; on Dask at least ``[executor] max_workers`` (each thread
+        only waits for its job on the cluster)."""
+        if self.settings.executor.kind == "dask":
+            return max(self.settings.daemon.workers, self.settings.executor.max_workers)
+        return self.settings.daemon.workers
 
     def _on_scheduler_event(self, event: Any) -> None:
         from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED
@@ -873,9 +889,22 @@ class Daemon:
             before = self.store.observed_keys(aoi.id)
             result = None
             try:
-                result = monitor.run(aoi, since, now, suppressed=False, progress=self._check_abort)
+                if self.executor is not None:
+                    result = self._poll_on_cluster(aoi, since, now)
+                else:
+                    result = monitor.run(aoi, since, now, suppressed=False, progress=self._check_abort)
             finally:
                 self._after_poll(aoi, before, result, run, now)
+
+    def _poll_on_cluster(self, aoi: Aoi, since: datetime, now: datetime) -> Any:
+        """The poll as a Dask task (key ``railwatch-poll-<aoi>-<now>``); cancelled on a forced shutdown."""
+        from railwatch.executor import AoiJob, _Aborted
+
+        job = AoiJob(aoi=aoi, since=since, until=now, suppressed=False, kind="poll")
+        try:
+            return self.executor.run_one(job, abort=self._abort)
+        except _Aborted:
+            raise _Interrupted from None
 
     def _window_start(self, aoi: Aoi, now: datetime) -> datetime:
         from railwatch.monitor import MISSION_START

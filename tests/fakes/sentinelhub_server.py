@@ -22,9 +22,11 @@ description contradicts itself or the service are adjusted in memory, each docum
 
 Faults on demand: :meth:`FakeSentinelHub.add_fault` (or ``POST /_fake/faults``) queues an error
 status (with ``Retry-After`` in milliseconds, as Sentinel Hub sends it), a slow answer, a
-truncated body or a corrupt TIFF for the next requests to a path. Every request is recorded
-(:attr:`requests`, ``GET /_fake/requests``) with its body and time; :attr:`in_flight_max` is the
-most requests served at once.
+truncated body or a corrupt TIFF for the next requests to a path. ``latency`` (seconds per
+endpoint: ``token``, ``catalog``, ``process``) slows every answer as a real service is slow. Every
+request is recorded (:attr:`requests`, ``GET /_fake/requests``) with its body and time;
+:attr:`in_flight_max` is the most requests served at once (recorded under a lock: the server is
+threaded).
 """
 
 from __future__ import annotations
@@ -326,6 +328,7 @@ class FakeSentinelHub:
         s2_granules: int = 2,
         token_expires_in: int = 3599,
         openapi: Path | None = OPENAPI_PATH,
+        latency: Mapping[str, float] | None = None,
     ) -> None:
         self.archive = Path(archive)
         self.client_id = client_id
@@ -338,6 +341,9 @@ class FakeSentinelHub:
         self.requests: list[Recorded] = []
         self.faults: list[Fault] = []
         self.tokens: dict[str, float] = {}
+        #: Seconds added to every answer of an endpoint: ``token``, ``catalog``, ``process`` (a
+        #: realistic service: ~0.3 s for a token, ~1.5 s for a Process request); settable while running.
+        self.latency: dict[str, float] = dict(latency or {})
         self.in_flight = 0
         self.in_flight_max = 0
         self.pu_spent = 0.0
@@ -353,7 +359,7 @@ class FakeSentinelHub:
         class Handler(_Handler):
             server_fake = fake
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="fake-sentinelhub", daemon=True)
         self._thread.start()
@@ -400,6 +406,16 @@ class FakeSentinelHub:
             self.faults.clear()
             self.in_flight_max = 0
             self.pu_spent = 0.0
+
+    def latency_for(self, path: str) -> float:
+        """The configured latency of the endpoint ``path`` belongs to (0 for none)."""
+        if path.endswith("/token"):
+            return float(self.latency.get("token", 0.0))
+        if path == CATALOG_PATH:
+            return float(self.latency.get("catalog", 0.0))
+        if path == PROCESS_PATH:
+            return float(self.latency.get("process", 0.0))
+        return 0.0
 
     def _take_fault(self, path: str) -> Fault | None:
         with self._lock:
@@ -694,6 +710,12 @@ def _json_reply(status: int, payload: Any) -> tuple[int, dict[str, str], bytes]:
 # ------------------------------------------------------------------------------------------ handler
 
 
+class _Server(ThreadingHTTPServer):
+    """One thread per connection; a deep accept queue so many concurrent clients are not refused."""
+
+    request_queue_size = 256
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_fake: FakeSentinelHub
     protocol_version = "HTTP/1.1"
@@ -724,7 +746,8 @@ class _Handler(BaseHTTPRequestHandler):
                 body = raw.decode(errors="replace")
         record = Recorded(method=method, path=path, body=body, started=time.monotonic(),
                           headers={k.lower(): v for k, v in self.headers.items() if k.lower() in ("accept", "content-type")})
-        if not path.startswith("/_fake/"):
+        counted = not path.startswith("/_fake/")
+        if counted:
             with fake._lock:
                 fake.requests.append(record)
                 fake.in_flight += 1
@@ -741,6 +764,9 @@ class _Handler(BaseHTTPRequestHandler):
                     status, headers, payload = _json_reply(500, _error(
                         500, "Internal Server Error", f"fake: {type(exc).__name__}: {exc}", "COMMON_EXCEPTION"))
             truncate = corrupt = False
+            delay = fake.latency_for(path) if not path.startswith("/_fake/") else 0.0
+            if delay > 0:
+                time.sleep(delay)  # counted in flight, like a slow service
             if fault is not None:
                 if fault.kind == "slow":
                     time.sleep(fault.seconds)
@@ -757,6 +783,9 @@ class _Handler(BaseHTTPRequestHandler):
             if corrupt:
                 payload = _corrupt(payload, headers.get("Content-Type", ""))
             record.status = status
+            # Answered: no longer in flight. Counted before the first byte goes out, so a client that
+            # has read the whole answer and sends its next request can never be counted twice.
+            counted = self._done(counted)
             try:
                 self.send_response(status)
                 for k, v in headers.items():
@@ -772,9 +801,15 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
         finally:
             record.finished = time.monotonic()
-            if not path.startswith("/_fake/"):
-                with fake._lock:
-                    fake.in_flight -= 1
+            self._done(counted)
+
+    def _done(self, counted: bool) -> bool:
+        """Take a counted request off ``in_flight`` (once); returns False, the new ``counted``."""
+        if counted:
+            fake = self.server_fake
+            with fake._lock:
+                fake.in_flight -= 1
+        return False
 
     def _route(self, method: str, path: str, body: Any, form: Mapping[str, str]) -> tuple[int, dict[str, str], bytes]:
         fake = self.server_fake

@@ -429,7 +429,11 @@ class SentinelHubProvider:
         self._sleep = sleep
         self._clock = clock
         self._rng = rng or random.Random()
+        self.max_concurrent_requests = max_concurrent_requests
         self._slots = threading.BoundedSemaphore(max_concurrent_requests)
+        #: An extra lease held around every request, shared beyond this process (the Dask executor
+        #: sets a ``distributed.Semaphore`` here: a cluster-wide cap); None = this process's cap only.
+        self.shared_slots: contextlib.AbstractContextManager[Any] | None = None
         self._lock = threading.Lock()
         self._session: SentinelHubSession | None = None
         self._usage: dict[tuple[str, str, str], list[float]] = {}
@@ -591,17 +595,20 @@ class SentinelHubProvider:
         last: BaseException | None = None
         for attempt in range(1, self.max_attempts + 1):
             retry_after: float | None = None
-            headers = {**SHConstants.HEADERS, **(self._auth_headers() if request.use_session else {}),
-                       **request.headers}
-            try:
-                with self._slots:
+            response: requests.Response | None = None
+            # The token request (first call, or a refresh) is made inside the slot too, so the cap
+            # holds for every request this provider sends; its own errors propagate as before.
+            with self._slots, self.shared_slots or contextlib.nullcontext():
+                headers = {**SHConstants.HEADERS, **(self._auth_headers() if request.use_session else {}),
+                           **request.headers}
+                try:
                     response = requests.request(
                         request.request_type.value, url=request.url, json=request.post_values,
                         headers=headers, timeout=self.timeout_seconds)
                     _ = response.content  # read the whole body inside the slot: a cut body raises here
-            except (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
-                last = exc
-            else:
+                except (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+                    last, response = exc, None
+            if response is not None:
                 status = response.status_code
                 if status == 429 or status >= 500:
                     last = requests.HTTPError(f"{status} from {_redact(request.url)}", response=response)
