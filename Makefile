@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench venv clean
+.PHONY: demo test lint bench bench-full venv clean
 
 venv: $(STAMP)
 
@@ -35,3 +35,23 @@ clean:
 .PHONY: bench-accuracy
 bench-accuracy: $(STAMP)
 	$(BIN)/python bench/accuracy/run.py $(ARGS)
+
+# Performance benchmarks (issue 8; bench/README.md): each prints its table with ratios measured in
+# the same run. `make bench` takes about 15 minutes on 2 cores; `make bench-full` adds the 400 km²
+# and 1000-AOI cases (about an hour). Peers (rasterstats, exactextract) come with the `bench` extra.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python bench/kernel.py
+	$(BIN)/python bench/memory.py
+	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/units.py
+
+bench-full: $(BENCH_STAMP)
+	$(BIN)/python bench/kernel.py --full
+	$(BIN)/python bench/memory.py --full
+	$(BIN)/python bench/throughput.py --full
+	$(BIN)/python bench/units.py
