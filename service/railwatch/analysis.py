@@ -41,6 +41,10 @@ MIN_REFERENCE = 2
 CORE_COVERAGE = 0.9
 #: Without enough core pixels (tracks drawn off the formation, a very narrow band) use every track pixel.
 MIN_CORE_SHARE = 0.3
+#: The reference is built for the track grown by this many pixels (what the change test reads) ...
+ZONE_MARGIN = 3
+#: ... and for this many stable pixels, evenly spread (the radiometric fit's candidates).
+ZONE_STABLE_SAMPLE = 20000
 
 
 @dataclass
@@ -54,6 +58,8 @@ class AoiContext:
     metres_per_pixel: float
     core: npt.NDArray[np.bool_] | None = None
     metres_per_core_pixel: float = 10.0
+    #: The pixels the change test can read (None: the whole grid): see :func:`change_zone`.
+    zone: npt.NDArray[np.bool_] | None = None
 
     @classmethod
     def build(cls, aoi: Aoi, half_width_m: float | None = None) -> AoiContext:
@@ -71,7 +77,9 @@ class AoiContext:
         if n == 0 or core.sum() < MIN_CORE_SHARE * n:
             core = track
         n_core = int(core.sum())
-        return cls(aoi, grid, track, inside & ~near_track, metres, core, length / n_core if n_core else 10.0)
+        stable = inside & ~near_track
+        return cls(aoi, grid, track, stable, metres, core, length / n_core if n_core else 10.0,
+                   change_zone(track, stable))
 
     def detection_mask(self, collection: str) -> tuple[npt.NDArray[np.bool_], float]:
         """The pixels a sensor's occupancy test runs on, and the metres of centreline per such pixel.
@@ -231,22 +239,42 @@ def analyse(
     )
 
 
+def change_zone(track: npt.NDArray[np.bool_], stable: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """The pixels a reference is built for: the track grown by ``ZONE_MARGIN`` pixels, plus an even
+    sample of the stable pixels for the radiometric fit.
+
+    The optical test reads the reference at most 1.5 pixels off a track pixel (registration and
+    half-pixel candidates) and the surroundings of a track pixel within 3 (the 7 x 7 window); the
+    radar test only on the track. Building the reference over the whole grid costs time and memory
+    in proportion to the AOI's area rather than its track (bench/kernel.py, bench/memory.py).
+    """
+    zone = ndimage.binary_dilation(track, iterations=ZONE_MARGIN)
+    ys, xs = np.nonzero(stable)
+    if ys.size > ZONE_STABLE_SAMPLE:
+        pick = np.linspace(0, ys.size - 1, ZONE_STABLE_SAMPLE).astype(np.intp)
+        ys, xs = ys[pick], xs[pick]
+    zone[ys, xs] = True
+    return np.asarray(zone)
+
+
 def scene_change(ctx: AoiContext, scene: Prepared, refs: Sequence[Prepared]) -> tuple[Change, dict[str, F32]]:
     """The change of a usable scene against its reference scenes, exactly as :func:`analyse` measures
     it, and the reference itself (in the scene's radiometry for optical, track-normalised for radar).
 
     Public so that evidence (quicklooks, change maps) shows the very pixels the estimate counted.
+    The reference is computed only over ``ctx.zone`` (NaN elsewhere) when the context has one.
     """
     mask, _metres = ctx.detection_mask(scene.ref.collection)
     q = scene.quality
     track = mask & q.clear
     stable = ctx.stable & q.clear
     if scene.ref.collection == S2:
-        reference = optical_reference(scene.bands, [r.bands for r in refs], [r.quality.clear for r in refs], stable)
+        reference = optical_reference(scene.bands, [r.bands for r in refs], [r.quality.clear for r in refs], stable,
+                                      where=ctx.zone)
         ref_ok = np.all(np.stack([np.isfinite(v) for v in reference.values()]), axis=0)
         change = optical_change(scene.bands, reference, track & ref_ok, stable & ref_ok, neighbours=mask)
         return change, reference
-    reference = radar_reference([r.bands for r in refs], track)
+    reference = radar_reference([r.bands for r in refs], track, where=ctx.zone)
     return radar_change(scene.bands, reference, len(refs), track, stable), reference
 
 

@@ -14,4 +14,6 @@ from __future__ import annotations
 #: 2.1.0: radar gain re-measured on car-free track pixels, two-scene opening rule.
 #: 2.2.0: per-geometry radar calibration, optical scenes never open an alert alone (nor near cloud),
 #: the persistence test skips scenes that could not be judged.
-DETECTOR_VERSION = "2.2.0"
+#: 2.2.1: references built only near the track (and on a sample of stable pixels for the radiometric
+#: fit), so cost and memory follow the track rather than the AOI's area; estimates barely move.
+DETECTOR_VERSION = "2.2.1"
