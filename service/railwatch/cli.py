@@ -551,7 +551,7 @@ def _run_aois(settings: Any, aois: list[Aoi], runner: Callable[[Any, Aoi, Callab
               show_progress: bool) -> tuple[list[Any], int]:
     """Run every AOI, one failure never stopping the others; returns results and the failure count."""
     failures = 0
-    results = []
+    results: list[Any] = []
     for a in aois:
         with progress_bar(a.id, show_progress) as prog:
             try:
@@ -562,12 +562,16 @@ def _run_aois(settings: Any, aois: list[Aoi], runner: Callable[[Any, Aoi, Callab
                 log.error("AOI %s failed: %s", a.id, exc, extra={"aoi": a.id})
                 failures += 1
                 continue
-        results.append(res)
-        if res.error:
-            failures += 1
-        log.info("AOI %s: %d scene(s) found, %d new %s%s", a.id, res.found, res.new, dict(res.statuses),
-                 f", error: {res.error}" if res.error else "", extra={"aoi": a.id})
+        failures += _record_result(a, res, results)
     return results, failures
+
+
+def _record_result(a: Aoi, res: Any, results: list[Any]) -> int:
+    """Keep one AOI's result and log it; 1 when the AOI's pass failed, else 0."""
+    results.append(res)
+    log.info("AOI %s: %d scene(s) found, %d new %s%s", a.id, res.found, res.new, dict(res.statuses),
+             f", error: {res.error}" if res.error else "", extra={"aoi": a.id})
+    return 1 if res.error else 0
 
 
 def _run_jobs(settings: Any, executor: Any, jobs: list[Any], show_progress: bool) -> tuple[list[Any], int]:
@@ -592,7 +596,7 @@ def _run_jobs(settings: Any, executor: Any, jobs: list[Any], show_progress: bool
 
         outcomes = executor.map(jobs, on_done=on_done)
     failures = 0
-    results = []
+    results: list[Any] = []
     for o in outcomes:
         a = o.job.aoi
         if o.error is not None:
@@ -602,11 +606,7 @@ def _run_jobs(settings: Any, executor: Any, jobs: list[Any], show_progress: bool
             failures += 1
             continue
         res = o.result
-        results.append(res)
-        if res.error:
-            failures += 1
-        log.info("AOI %s: %d scene(s) found, %d new %s%s", a.id, res.found, res.new, dict(res.statuses),
-                 f", error: {res.error}" if res.error else "", extra={"aoi": a.id})
+        failures += _record_result(a, res, results)
     return results, failures
 
 
