@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import html
-import inspect
 import io
 import json
 import logging
@@ -534,37 +533,18 @@ def _references(scene: Prepared, history: Sequence[Observation], cfg: DetectorSe
 
 
 def _change(ctx: AoiContext, scene: Prepared, refs: Sequence[Prepared]) -> tuple[Any, Mapping[str, F32]]:
-    """The detector's change of ``scene`` against ``refs`` (as analysis.analyse computes it), and the
-    reference to show as "before".
-
-    Mirrors analyse step by step with the detector's public functions; the checks for optional
-    pieces keep it working across small changes of the detector (the integration test compares the
-    pixels found here with the count the pipeline stored).
+    """The detector's change of ``scene`` against ``refs`` (:func:`railwatch.analysis.scene_change`, the
+    very computation the estimate came from), and the reference to show as "before" over the whole
+    AOI (the detector builds its own only near the track).
     """
+    from railwatch.analysis import scene_change
     from railwatch.detect import change as det
-    from railwatch.detect.quality import OPTICAL_BANDS
 
-    q = scene.quality
-    mask = ctx.detection_mask(scene.ref.collection)[0] if hasattr(ctx, "detection_mask") else ctx.track
-    track = mask & q.clear
-    stable = ctx.stable & q.clear
-    if scene.ref.collection == S2:
-        if hasattr(det, "optical_reference"):
-            reference = det.optical_reference(scene.bands, [r.bands for r in refs], [r.quality.clear for r in refs],
-                                              stable)
-        else:
-            bands = [b for b in OPTICAL_BANDS if b in scene.bands]
-            reference = det.median_reference([r.bands for r in refs], bands, [r.quality.clear for r in refs])
-        ref_ok = np.all(np.stack([np.isfinite(v) for v in reference.values()]), axis=0)
-        extra: dict[str, Any] = (
-            {"neighbours": mask} if "neighbours" in inspect.signature(det.optical_change).parameters else {})
-        change = det.optical_change(scene.bands, reference, track & ref_ok, stable & ref_ok, **extra)
-        return change, reference  # the median of the references in the scene's own radiometry
-    if hasattr(det, "radar_reference"):
-        reference = det.radar_reference([r.bands for r in refs], track)
-    else:
-        reference = det.mean_reference([r.bands for r in refs], ("VV", "VH"))
-    change = det.radar_change(scene.bands, reference, len(refs), track, stable)
+    change, _near_track = scene_change(ctx, scene, refs)
+    if scene.ref.collection == S2:  # the median of the references in the scene's own radiometry
+        before = det.optical_reference(scene.bands, [r.bands for r in refs], [r.quality.clear for r in refs],
+                                       ctx.stable & scene.quality.clear)
+        return change, before
     valid = [np.isfinite(r.bands["VV"]) & (r.bands["VV"] > 0) for r in refs]
     return change, det.median_reference([r.bands for r in refs], ["VV"], valid)  # sigma0, for dB
 
