@@ -860,6 +860,34 @@ def cmd_provider_test(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_SHORT_SENSOR = {"sentinel-2-l2a": "S2", "sentinel-1-grd": "S1"}
+
+
+def _demo_counts(store: Any, aoi_id: str, truth: Path, *, before: date, per_sensor: int = 3) -> Path | None:
+    """Analysts' counts for the demo: the simulated truth of ``per_sensor`` usable scenes of each
+    sensor, spread over the ordinary days before the surge, written as ``analyst-counts.csv`` beside
+    the truth (the format `railwatch calibrate` reads). None when there are too few such scenes."""
+    import csv
+
+    if not truth.is_file():
+        return None
+    with truth.open(encoding="utf-8") as f:
+        cars = {(r["sensor"], r["acquired"]): r["cars"] for r in csv.DictReader(f)}
+    picked: list[tuple[str, str]] = []
+    for sensor in _SHORT_SENSOR:
+        usable = [o for o in store.observations(aoi_id) if o.collection == sensor and o.usable
+                  and o.acquired.date() < before - timedelta(days=3)]
+        if len(usable) >= per_sensor:
+            step = (len(usable) - 1) / (per_sensor - 1)
+            picked += [(sensor, str(iso(usable[round(i * step)].acquired))) for i in range(per_sensor)]
+    rows = sorted({(when, cars[(s, when)]) for s, when in picked if (s, when) in cars})
+    if not rows:
+        return None
+    out = truth.with_name("analyst-counts.csv")
+    out.write_text("acquired,cars\n" + "".join(f"{w},{c}\n" for w, c in rows), encoding="utf-8")
+    return out
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Simulate the shipped Tumangang–Khasan AOI with a surge, backfill it and show what railwatch saw."""
     from railwatch.config import Settings, load_settings
@@ -901,8 +929,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     monitor = Monitor(settings, store, FilesProvider(archive))
     with progress_bar("backfill", not args.no_progress) as prog:
         result = monitor.backfill(aoi, notify=False, progress=prog)
+    counts = _demo_counts(store, aoi.id, archive / aoi.id / "truth.csv", before=surge_start)
+    if counts is not None:
+        from railwatch.detect.calibrate import read_counts
+
+        cal = monitor.calibrate(aoi, read_counts(counts))
+        scales = ", ".join(f"{_SHORT_SENSOR.get(k, k)} x{v['scale']:.2f}" for k, v in cal["sensors"].items()
+                           if v.get("scale") is not None)
+        console.print(f"calibrated with {sum(1 for _ in counts.open()) - 1} analyst counts ({counts.name}: "
+                      f"the simulated truth of ordinary days, as an analyst would count them): {scales}",
+                      markup=False, highlight=False)
     rows = _history_rows(store, aoi.id)
-    short = {"sentinel-2-l2a": "S2", "sentinel-1-grd": "S1"}
+    short = _SHORT_SENSOR
     compact = [{
         "acquired (UTC)": r["acquired"][:16].replace("T", " "),
         "sensor": short.get(r["sensor"], r["sensor"]),

@@ -594,13 +594,44 @@ class Monitor:
                 estimated_cars_high=round(est.high, 2),
                 metrics=dict(o.metrics) | {"scale": round(scale, 4), "log_sigma": round(fitted.log_sigma, 4)},
             ))
-        # Baselines and thresholds follow the new scale; alerts already decided are left as they were.
+        # Baselines and thresholds follow the new scale; alerts already decided keep their states and
+        # events (nothing is sent again), their numbers follow the new scale.
         replayer = Replayer(cfg)
         replayed = [replayer.step(o) for o in sorted(updated, key=lambda o: (o.acquired, o.collection))]
         with self.store.session() as s:
             n = self.store.save_observations(s, replayed)
+            report["alerts_rescaled"] = self._rescale_alerts(s, aoi, replayed)
         report["updated"] = n
         return report
+
+    def _rescale_alerts(self, s: Session, aoi: Aoi, observations: Sequence[Observation]) -> int:
+        """Bring the numbers of the AOI's recorded activity alerts to the recalibrated estimates: opening,
+        latest (with its interval) and peak estimate, and the baseline at the opening scene. States and
+        events stay as they were decided (nothing is sent again). Returns how many alerts changed."""
+        by_time = {o.acquired: o for o in observations if o.usable}
+        changed = 0
+        for r in self.store.alerts(aoi_id=aoi.id):
+            if r.kind != "activity" or r.opened_acquired is None:
+                continue
+            opening = by_time.get(utc(r.opened_acquired))
+            latest = by_time.get(utc(r.last_acquired)) if r.last_acquired is not None else None
+            if opening is None:
+                continue
+            end = utc(r.last_acquired) if r.last_acquired is not None else opening.acquired
+            span = [o.estimated_cars for t, o in by_time.items()
+                    if opening.acquired <= t <= end and o.collection in (r.sensors_seen or [r.sensor or ""])
+                    and o.estimated_cars is not None]
+            row = s.merge(r)
+            row.opening_cars = opening.estimated_cars
+            if latest is not None:
+                row.estimated_cars = latest.estimated_cars
+                row.estimated_cars_low = latest.estimated_cars_low
+                row.estimated_cars_high = latest.estimated_cars_high
+            row.peak_cars = max([c for c in span if c is not None] or [opening.estimated_cars or 0.0])
+            if opening.metrics.get("baseline_cars") is not None:
+                row.baseline_cars = float(opening.metrics["baseline_cars"])
+            changed += 1
+        return changed
 
     def _replay_alerts(self, aoi: Aoi, cfg: DetectorSettings, since: datetime) -> list[tuple[int, str]]:
         """Bring the store's alerts in line with the rule replayed over the whole history.

@@ -25,7 +25,7 @@ from railwatch.detect.calibrate import (
 from railwatch.detect.estimate import Z80, estimate_cars, interval
 from railwatch.domain import S1, S2, Aoi, Observation
 from railwatch.monitor import Monitor
-from railwatch.store import Store
+from railwatch.store import AlertRow, Store
 
 T0 = datetime(2024, 3, 1, 1, 47, 30, tzinfo=UTC)
 
@@ -123,6 +123,15 @@ def test_calibrate_updates_recorded_estimates_and_sends_nothing(tmp_path: Path) 
                     estimated_cars_low=raw / 2, estimated_cars_high=raw * 2, clear_fraction=1.0,
                     geometry_key="optical" if sensor == S2 else "ascending:134",
                     metrics={"raw_cars": raw, "raw_cars_sd": 1.0}, detector_version="test"))
+    # An alert decided on the uncalibrated (4x too high) radar estimates: its numbers follow the new
+    # scale, its state and events stay as they were, and nothing is sent.
+    opened, last = T0 + timedelta(days=50, hours=8), T0 + timedelta(days=60, hours=8)
+    with store.session() as s:
+        raw = {o.acquired: o for o in store.observations(aoi.id, session=s)}
+        s.add(AlertRow(kind="activity", aoi_id=aoi.id, sensor=S1, state="resolved", opened_acquired=opened,
+                       last_acquired=last, opening_cars=raw[opened].estimated_cars,
+                       estimated_cars=raw[last].estimated_cars, peak_cars=999.0, baseline_cars=80.0,
+                       sensors_seen=[S1], passes=3, data={}))
     sent: list[object] = []
     monitor = Monitor(settings, store, _NoProvider(), event_hook=lambda *a: sent.append(a))  # type: ignore[arg-type]
     counts = [Count(T0 + timedelta(days=5 * i, hours=h), 15 + 10 * math.sin(i / 3), has_time=True)
@@ -140,7 +149,14 @@ def test_calibrate_updates_recorded_estimates_and_sends_nothing(tmp_path: Path) 
         errors.append(abs(math.log(o.estimated_cars / truth)))
     assert np.median(errors) < 0.12 and max(errors) < math.log(1.6)
     assert sum("analyst_cars" in o.metrics for o in obs) == 6
-    assert sent == [] and store.alerts(aoi_id=aoi.id) == []
+    assert sent == [] and report["alerts_rescaled"] == 1
+    (alert,) = store.alerts(aoi_id=aoi.id)
+    now = {o.acquired: o for o in obs}
+    assert alert.state == "resolved" and store.events(alert_id=alert.id) == []
+    assert alert.opening_cars == now[opened].estimated_cars and alert.estimated_cars == now[last].estimated_cars
+    assert alert.estimated_cars_low == now[last].estimated_cars_low
+    assert alert.peak_cars == max(now[T0 + timedelta(days=d, hours=8)].estimated_cars or 0 for d in (50, 55, 60))
+    assert alert.baseline_cars == now[opened].metrics["baseline_cars"] and alert.baseline_cars < 40
 
 
 def test_geometry_factors_bring_each_radar_geometry_to_the_common_level() -> None:
