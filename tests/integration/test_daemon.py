@@ -192,13 +192,13 @@ def test_kill9_mid_job_then_restart_processes_every_scene_once(
     site = Site(tmp_path, store_url=store_url)
     site.add_aoi(AOI, sim.scenes)
     with site.start() as first:
-        first.wait_for(lambda: len(first.scenes_logged(AOI)) >= 20, 60, "20 scenes")
+        first.wait_for(lambda: len(first.scenes_logged(AOI)) >= 20, 120, "20 scenes")
         first.kill9()
     before = first.scenes_logged(AOI)
     assert 20 <= len(before) < len(sim.scenes)
     with site.start() as second:  # the lock died with the process: no refusal
         left = len(sim.scenes) - len(before)
-        second.wait_for(lambda: second.metric("railwatch_scenes_processed_total") == left, 60, "the other scenes")
+        second.wait_for(lambda: second.metric("railwatch_scenes_processed_total") == left, 120, "the other scenes")
         second.wait_log(f"job poll:{AOI} ok", count=2)
         assert second.stop() == 0
     after = second.scenes_logged(AOI)
