@@ -25,6 +25,7 @@ from railwatch.baseline import (
     OpenAlert,
     compute_baseline,
     decide,
+    decision_metrics,
     history_for,
 )
 from railwatch.clock import Clock, SystemClock
@@ -374,13 +375,7 @@ class Monitor:
                 quiet_count=int((row.data or {}).get("quiet_count", 0)),
             )
         d = decide(obs, baseline, snapshot, cfg)
-        extra: dict[str, Any] = {"elevated": d.elevated}
-        if d.baseline is not None:
-            extra |= {"baseline_cars": round(d.baseline.level, 2), "baseline_spread": round(d.baseline.spread, 2),
-                      "baseline_n": d.baseline.n}
-        if d.threshold is not None:
-            extra["threshold_cars"] = round(d.threshold, 2)
-        obs = replace(obs, metrics=dict(obs.metrics) | extra)
+        obs = replace(obs, metrics=dict(obs.metrics) | decision_metrics(d))
         self.store.save_observation(s, obs)
         events = self._apply(s, aoi, obs, d, row, suppressed)
         return obs, events
