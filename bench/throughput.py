@@ -25,14 +25,13 @@ held cluster-wide by a ``distributed.Semaphore``. The store is SQLite in a tempo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import sys
 import time
-import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -49,33 +48,16 @@ from _fake import (
     temp_folder,
     write_config,
 )
+from tests.fakes.databases import throwaway_database
 
 #: Realistic latencies in seconds (issue 8: token 300 ms, Process 1.5 s; Catalog ~0.5 s).
 LATENCY = {"token": 0.3, "catalog": 0.5, "process": 1.5}
 WINDOW = (datetime(2024, 6, 25, tzinfo=UTC), datetime(2024, 7, 1, tzinfo=UTC))
 
 
-@contextmanager
-def fresh_store(base: str, folder: Path) -> Iterator[str]:
+def fresh_store(base: str, folder: Path) -> contextlib.AbstractContextManager[str]:
     """A new empty store: a SQLite file in ``folder``, or a throw-away database on the PostgreSQL server."""
-    if not base:
-        yield f"sqlite:///{folder / 'railwatch.db'}"
-        return
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    name = f"rw_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(base).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                              "WHERE datname = :n AND pid <> pg_backend_pid()"), {"n": name})
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
+    return throwaway_database(base, folder, prefix="rw_bench")
 
 
 def run_case(fake: BenchSentinelHub, n: int, kind: str, *, cap: int, workers: int, store_base: str,

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.fakes.databases import throwaway_database
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PG_URL = os.environ.get("RAILWATCH_TEST_POSTGRES_URL", "")
@@ -21,28 +22,9 @@ def _store_params() -> list[object]:
     return params
 
 
-@contextlib.contextmanager
-def _database(kind: str, folder: Path) -> Iterator[str]:
+def _database(kind: str, folder: Path) -> contextlib.AbstractContextManager[str]:
     """A fresh, empty database: a SQLite file in ``folder``, or a throw-away PostgreSQL database."""
-    if kind == "sqlite":
-        yield f"sqlite:///{folder / 'railwatch.db'}"
-        return
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    name = f"rw_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n AND pid <> pg_backend_pid()"
-            ), {"n": name})
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
+    return throwaway_database(PG_URL if kind == "postgresql" else "", folder)
 
 
 @pytest.fixture(params=_store_params())
