@@ -9,6 +9,7 @@ observation per scene (the job is retried and skips what was recorded). SQLite a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -120,19 +121,26 @@ def test_local_executor_overlaps_provider_io_up_to_the_cap(
 # ------------------------------------------------------------------------------------------- dask
 
 
-@pytest.fixture
-def thread_cluster() -> Iterator[Any]:
-    """An in-process Dask cluster: one worker with four threads."""
+@contextlib.contextmanager
+def _cluster(**kwargs: Any) -> Iterator[Any]:
+    """A LocalCluster and a client of it (not the default client), both closed afterwards."""
     from distributed import Client, LocalCluster
 
-    cluster = LocalCluster(processes=False, n_workers=1, threads_per_worker=4, dashboard_address=":0")
+    cluster = LocalCluster(dashboard_address=":0", **kwargs)
     client = Client(cluster, set_as_default=False)
     try:
         yield client
     finally:
         client.close()
         cluster.close()
-        reset_worker_state()
+
+
+@pytest.fixture
+def thread_cluster() -> Iterator[Any]:
+    """An in-process Dask cluster: one worker with four threads."""
+    with _cluster(processes=False, n_workers=1, threads_per_worker=4) as client:
+        yield client
+    reset_worker_state()
 
 
 def test_dask_executor_runs_jobs_under_deterministic_keys_with_a_cluster_wide_cap(
@@ -206,17 +214,12 @@ def test_dask_without_address_starts_an_in_process_cluster_and_refuses_sqlite_fa
 @pytest.fixture(scope="module")
 def process_cluster() -> Iterator[Any]:
     """Two worker processes (one thread each) under nannies that restart a killed worker."""
-    from distributed import Client, LocalCluster
-
     old = os.environ.get(SECRET_VAR)
     os.environ[SECRET_VAR] = SECRET  # workers read the secret from their own environment
-    cluster = LocalCluster(processes=True, n_workers=2, threads_per_worker=1, dashboard_address=":0")
-    client = Client(cluster, set_as_default=False)
     try:
-        yield client
+        with _cluster(processes=True, n_workers=2, threads_per_worker=1) as client:
+            yield client
     finally:
-        client.close()
-        cluster.close()
         if old is None:
             os.environ.pop(SECRET_VAR, None)
         else:

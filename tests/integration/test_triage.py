@@ -126,6 +126,15 @@ def _settings(tmp_path: Path, sink: SmtpSink, hook: WebhookReceiver) -> Any:
     return load_settings(cfg, environ=ENV, cwd=tmp_path)
 
 
+def _event(store: Store, settings: Any, aoi: Aoi, alert_id: int, type_: str, when: str) -> list[DeliveryRow]:
+    """Record an alert event and queue its deliveries in one transaction, as the pipeline does."""
+    with store.session() as s:
+        row = s.get(AlertRow, alert_id)
+        assert row is not None
+        ev = store.add_event(s, row, type_, acquired=dt(when), data={})
+        return enqueue(s, settings, ev, row, aoi, suppressed=False, now=dt(when))
+
+
 def test_silenced_aoi_sends_nothing_over_smtp_and_webhook_then_sends_again(
     store: Store, tmp_path: Path, peers: tuple[SmtpSink, WebhookReceiver],
 ) -> None:
@@ -137,12 +146,7 @@ def test_silenced_aoi_sends_nothing_over_smtp_and_webhook_then_sends_again(
     alert_id = _alert(store)
 
     def event(a: Aoi, alert: int, type_: str, when: str) -> list[str]:
-        with store.session() as s:
-            row = s.get(AlertRow, alert)
-            assert row is not None
-            ev = store.add_event(s, row, type_, acquired=dt(when), data={})
-            rows = enqueue(s, settings, ev, row, a, suppressed=False, now=dt(when))
-            return sorted(r.state for r in rows)
+        return sorted(r.state for r in _event(store, settings, a, alert, type_, when))
 
     # While silenced: recorded, suppressed, and the dispatcher sends nothing; other AOIs are not affected.
     assert event(aoi, alert_id, "alert.opened", "2025-05-30T00:00:00Z") == ["suppressed", "suppressed"]
@@ -187,11 +191,7 @@ def test_dismissing_an_alert_cancels_its_queued_notifications(
     alert_id, other_id = _alert(store), _alert(store)
 
     def event(alert: int, type_: str, when: str) -> None:
-        with store.session() as s:
-            row = s.get(AlertRow, alert)
-            assert row is not None
-            enqueue(s, settings, store.add_event(s, row, type_, acquired=dt(when), data={}), row, aoi,
-                    suppressed=False, now=dt(when))
+        _event(store, settings, aoi, alert, type_, when)
 
     event(alert_id, "alert.opened", "2025-05-30T00:00:00Z")
     assert dispatch_pending(store, settings, now=dt("2025-05-30T00:01:00Z")).delivered == 2
