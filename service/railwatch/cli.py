@@ -873,10 +873,10 @@ def _demo_counts(store: Any, aoi_id: str, truth: Path, *, before: date, per_sens
         return None
     with truth.open(encoding="utf-8") as f:
         cars = {(r["sensor"], r["acquired"]): r["cars"] for r in csv.DictReader(f)}
+    ordinary = [o for o in store.observations(aoi_id) if o.usable and o.acquired.date() < before - timedelta(days=3)]
     picked: list[tuple[str, str]] = []
     for sensor in _SHORT_SENSOR:
-        usable = [o for o in store.observations(aoi_id) if o.collection == sensor and o.usable
-                  and o.acquired.date() < before - timedelta(days=3)]
+        usable = [o for o in ordinary if o.collection == sensor]
         if len(usable) >= per_sensor:
             step = (len(usable) - 1) / (per_sensor - 1)
             picked += [(sensor, str(iso(usable[round(i * step)].acquired))) for i in range(per_sensor)]
