@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,29 @@ def scene_filename(collection: str, acquired: datetime) -> str:
 def scene_path(root: Path | str, aoi_id: str, collection: str, acquired: datetime) -> Path:
     """Where a scene of ``aoi_id`` lives under the archive ``root``."""
     return Path(root) / aoi_id / scene_filename(collection, acquired)
+
+
+def orbit_tags(ref: SceneRef) -> dict[str, str]:
+    """The archive tags that record a radar scene's orbit geometry (empty when unknown or optical)."""
+    tags: dict[str, str] = {}
+    if ref.collection == S1 and ref.orbit_direction:
+        tags[ORBIT_DIRECTION_TAG] = ref.orbit_direction
+    if ref.collection == S1 and ref.relative_orbit is not None:
+        tags[RELATIVE_ORBIT_TAG] = str(ref.relative_orbit)
+    return tags
+
+
+def cached_fetch(root: Path | str, aoi_id: str, ref: SceneRef, download: Callable[[], Raster]) -> Raster:
+    """A network provider's fetch through the archive: the archived scene if there is one, else
+    ``download()`` written into the archive first and read back, so that every scene a provider
+    returns has passed the same reader and validation as a local one, and is never fetched twice."""
+    path = scene_path(root, aoi_id, ref.collection, ref.acquired)
+    if path.exists():
+        log.debug("%s already archived at %s; no request", ref.scene_id, path)
+        return read_scene(path, ref.collection)
+    written = write_scene(root, aoi_id, ref.collection, ref.acquired, download())
+    log.info("archived %s (%s)", ref.scene_id, written, extra={"aoi": aoi_id, "scene": ref.scene_id})
+    return read_scene(written, ref.collection)
 
 
 def parse_scene_filename(name: str) -> tuple[str, datetime] | None:

@@ -44,13 +44,7 @@ from railwatch.errors import (
     SceneUnreadable,
 )
 from railwatch.geo import Grid, aoi_grid
-from railwatch.imagery.archive import (
-    ORBIT_DIRECTION_TAG,
-    RELATIVE_ORBIT_TAG,
-    read_scene,
-    scene_path,
-    write_scene,
-)
+from railwatch.imagery.archive import cached_fetch, orbit_tags
 
 if TYPE_CHECKING:
     from sentinelhub import DataCollection, SHConfig
@@ -713,10 +707,9 @@ class SentinelHubProvider:
     def fetch(self, aoi: Aoi, ref: SceneRef) -> Raster:
         """The scene on the AOI grid: from the archive if it is there, else one Process API request
         whose answer is archived first and read back."""
-        path = scene_path(self.archive_root, aoi.id, ref.collection, ref.acquired)
-        if path.exists():
-            log.debug("%s already archived at %s; no request", ref.scene_id, path)
-            return read_scene(path, ref.collection)
+        return cached_fetch(self.archive_root, aoi.id, ref, lambda: self._download(aoi, ref))
+
+    def _download(self, aoi: Aoi, ref: SceneRef) -> Raster:
         grid = aoi_grid(aoi)
         what = f"Process request for {ref.scene_id} of AOI {aoi.id}"
         estimate = request_units(ref.collection, grid)
@@ -724,10 +717,7 @@ class SentinelHubProvider:
         with self._budgeted(estimate, what), self._errors(what):
             request = self.process_request(aoi, ref, grid)
             responses = self._client(ctx).download(request.download_list, max_threads=1, decode_data=False)
-        raster = self._decode(responses[0].content, ref, grid, what)
-        written = write_scene(self.archive_root, aoi.id, ref.collection, ref.acquired, raster)
-        log.info("archived %s (%s)", ref.scene_id, written, extra={"aoi": aoi.id, "scene": ref.scene_id})
-        return read_scene(written, ref.collection)
+        return self._decode(responses[0].content, ref, grid, what)
 
     def _decode(self, content: bytes, ref: SceneRef, grid: Grid, what: str) -> Raster:
         outputs = S2_OUTPUTS if ref.collection == S2 else S1_OUTPUTS
@@ -758,10 +748,7 @@ class SentinelHubProvider:
         else:
             for name in ("VV", "VH"):
                 bands[name] = np.where(valid, arrays[name].astype(np.float32), np.float32(np.nan)).astype(np.float32)
-            if ref.orbit_direction:
-                tags[ORBIT_DIRECTION_TAG] = ref.orbit_direction
-            if ref.relative_orbit is not None:
-                tags[RELATIVE_ORBIT_TAG] = str(ref.relative_orbit)
+            tags |= orbit_tags(ref)
         return Raster(bands=bands, crs=crs, transform=transform, tags=tags)
 
     # ------------------------------------------------------------------------------------ checks

@@ -26,13 +26,7 @@ import numpy.typing as npt
 from railwatch.domain import COLLECTIONS, S1, S2, Aoi, Raster, SceneRef, utc
 from railwatch.errors import ProviderError, ProviderUnavailable, SceneUnreadable
 from railwatch.geo import Grid, aoi_grid
-from railwatch.imagery.archive import (
-    ORBIT_DIRECTION_TAG,
-    RELATIVE_ORBIT_TAG,
-    read_scene,
-    scene_path,
-    write_scene,
-)
+from railwatch.imagery.archive import cached_fetch, orbit_tags
 from railwatch.imagery.sentinelhub import ACQUISITION_WINDOW, group_acquisitions
 
 if TYPE_CHECKING:
@@ -273,17 +267,12 @@ class StacProvider:
     def fetch(self, aoi: Aoi, ref: SceneRef) -> Raster:
         """The scene on the AOI grid: from the archive if it is there, else read from the COGs,
         archived first and read back."""
-        path = scene_path(self.archive_root, aoi.id, ref.collection, ref.acquired)
-        if path.exists():
-            return read_scene(path, ref.collection)
+        return cached_fetch(self.archive_root, aoi.id, ref, lambda: self._download(aoi, ref))
+
+    def _download(self, aoi: Aoi, ref: SceneRef) -> Raster:
         if not (ref.extra or {}).get("items"):
             ref = self._locate(aoi, ref)
-        grid = aoi_grid(aoi)
-        what = f"STAC read of {ref.scene_id} of AOI {aoi.id}"
-        raster = self._read(ref, grid, what)
-        written = write_scene(self.archive_root, aoi.id, ref.collection, ref.acquired, raster)
-        log.info("archived %s (%s)", ref.scene_id, written, extra={"aoi": aoi.id, "scene": ref.scene_id})
-        return read_scene(written, ref.collection)
+        return self._read(ref, aoi_grid(aoi), f"STAC read of {ref.scene_id} of AOI {aoi.id}")
 
     def _read(self, ref: SceneRef, grid: Grid, what: str) -> Raster:
         import rasterio
@@ -328,11 +317,7 @@ class StacProvider:
         tags = {"PROVIDER": "stac", "STAC_API": self.url, "SOURCE_ITEMS": ref.source[:2000]}
         if ref.collection == S2:
             tags["S2_OFFSET_REMOVED"] = ",".join(i["id"] for i in items if i["remove_offset"]) or "none needed"
-        else:
-            if ref.orbit_direction:
-                tags[ORBIT_DIRECTION_TAG] = ref.orbit_direction
-            if ref.relative_orbit is not None:
-                tags[RELATIVE_ORBIT_TAG] = str(ref.relative_orbit)
+        tags |= orbit_tags(ref)
         return Raster(bands=out, crs=grid.crs, transform=grid.transform, tags=tags)
 
 
