@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 import shapely
 from affine import Affine
-from pyproj import CRS, Geod, Transformer
+from pyproj import Geod
 from rasterio import features as rio_features
 from shapely.errors import GEOSException
 from shapely.geometry import LineString, MultiLineString, MultiPolygon, Polygon, mapping, shape
@@ -32,7 +32,7 @@ from shapely.ops import linemerge
 
 from railwatch.domain import COLLECTIONS, Aoi
 from railwatch.errors import AoiError
-from railwatch.geo import utm_epsg
+from railwatch.geo import reproject_geometry, utm_epsg
 
 #: Half-width in metres of the band around a rail centreline that counts as "track pixels".
 #: Standard-gauge rolling stock is about 3 m wide (UIC loading gauge 3.15 m), so a car spans
@@ -547,19 +547,6 @@ def _aoi_utm(aoi: Aoi) -> str:
     return f"EPSG:{utm_epsg((west + east) / 2.0, (south + north) / 2.0)}"
 
 
-def _project(geom: BaseGeometry, src: Any, dst: Any) -> BaseGeometry:
-    src_crs, dst_crs = CRS.from_user_input(src), CRS.from_user_input(dst)
-    if src_crs == dst_crs:
-        return geom
-    tr = Transformer.from_crs(src_crs, dst_crs, always_xy=True)
-
-    def move(xy: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        x, y = tr.transform(xy[:, 0], xy[:, 1])
-        return np.column_stack([x, y])
-
-    return shapely.transform(geom, move)
-
-
 def _polygon_ll(aoi: Aoi) -> BaseGeometry:
     return shape(aoi.geometry)
 
@@ -567,7 +554,7 @@ def _polygon_ll(aoi: Aoi) -> BaseGeometry:
 def _tracks_utm(aoi: Aoi, utm: str) -> BaseGeometry:
     lines = [shape(t) for t in aoi.tracks]
     union = shapely.union_all(lines) if lines else LineString()
-    return _project(shapely.segmentize(union, _SEGMENT_DEG), "OGC:CRS84", utm)
+    return reproject_geometry(shapely.segmentize(union, _SEGMENT_DEG), "OGC:CRS84", utm)
 
 
 def _half_width(aoi: Aoi, half_width_m: float | None) -> float:
@@ -579,7 +566,7 @@ def _half_width(aoi: Aoi, half_width_m: float | None) -> float:
 def _track_band_utm(aoi: Aoi, half_width_m: float | None = None) -> tuple[BaseGeometry, str]:
     """The tracks buffered by the half-width and clipped to the AOI, in the AOI's UTM CRS (metres)."""
     utm = _aoi_utm(aoi)
-    polygon = _project(shapely.segmentize(_polygon_ll(aoi), _SEGMENT_DEG), "OGC:CRS84", utm)
+    polygon = reproject_geometry(shapely.segmentize(_polygon_ll(aoi), _SEGMENT_DEG), "OGC:CRS84", utm)
     band = _tracks_utm(aoi, utm).buffer(_half_width(aoi, half_width_m), quad_segs=8)
     clipped = _polys_only(band.intersection(polygon))
     return (clipped if clipped is not None else Polygon()), utm
@@ -588,7 +575,7 @@ def _track_band_utm(aoi: Aoi, half_width_m: float | None = None) -> tuple[BaseGe
 def track_buffer(aoi: Aoi, half_width_m: float | None = None) -> dict[str, Any]:
     """The track pixels' footprint as a GeoJSON (Multi)Polygon in lon/lat, for maps and exports."""
     band, utm = _track_band_utm(aoi, half_width_m)
-    return _to_mapping(_project(band, utm, "OGC:CRS84"))
+    return _to_mapping(reproject_geometry(band, utm, "OGC:CRS84"))
 
 
 def track_area_m2(aoi: Aoi, half_width_m: float | None = None) -> float:
@@ -608,7 +595,7 @@ def _burn(geom: BaseGeometry, transform: Any, shape_: tuple[int, int], *, all_to
 
 def aoi_mask(aoi: Aoi, crs: Any, transform: Any, shape: tuple[int, int]) -> npt.NDArray[np.bool_]:
     """Pixels of the grid whose centre lies inside the AOI polygon."""
-    polygon = _project(shapely.segmentize(_polygon_ll(aoi), _SEGMENT_DEG), "OGC:CRS84", crs)
+    polygon = reproject_geometry(shapely.segmentize(_polygon_ll(aoi), _SEGMENT_DEG), "OGC:CRS84", crs)
     return _burn(polygon, transform, shape, all_touched=False)
 
 
@@ -621,7 +608,7 @@ def track_mask(aoi: Aoi, crs: Any, transform: Any, shape: tuple[int, int],
     band narrower than a pixel that falls between centres), every touched pixel is used instead.
     """
     band, utm = _track_band_utm(aoi, half_width_m)
-    band = _project(band, utm, crs)
+    band = reproject_geometry(band, utm, crs)
     mask = _burn(band, transform, shape, all_touched=False)
     mask &= aoi_mask(aoi, crs, transform, shape)
     if not mask.any():
@@ -645,7 +632,7 @@ def track_coverage(aoi: Aoi, crs: Any, transform: Any, shape: tuple[int, int],
     out_shape = (int(shape[0]), int(shape[1]))
     coverage = np.zeros(out_shape, dtype=np.float32)
     band, utm = _track_band_utm(aoi, half_width_m)
-    band = _project(band, utm, crs)
+    band = reproject_geometry(band, utm, crs)
     if band.is_empty:
         return coverage
     # Only supersample the window of pixels the band can touch.
@@ -695,7 +682,7 @@ def _supersample(geom: BaseGeometry, tr: tuple[float, ...], coverage: npt.NDArra
 
 def track_length_m(aoi: Aoi) -> float:
     """Total length of the (clipped) tracks in metres, measured in the AOI's UTM zone."""
-    return float(sum(_project(shapely.segmentize(shape(t), _SEGMENT_DEG), "OGC:CRS84", _aoi_utm(aoi)).length
+    return float(sum(reproject_geometry(shapely.segmentize(shape(t), _SEGMENT_DEG), "OGC:CRS84", _aoi_utm(aoi)).length
                      for t in aoi.tracks))
 
 

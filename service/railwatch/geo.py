@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -46,11 +47,9 @@ def aoi_grid(aoi: Aoi, resolution: float = RESOLUTION_M, pad_m: float = 0.0) -> 
     This is the grid every provider asks for and the simulator renders on, so scenes of one AOI
     from any source line up pixel for pixel.
     """
-    from pyproj import Transformer
-
     west, south, east, north = aoi.bbox
     epsg = utm_epsg((west + east) / 2.0, (south + north) / 2.0)
-    tr = Transformer.from_crs("EPSG:4326", f"EPSG:{epsg}", always_xy=True)
+    tr = transformer("EPSG:4326", f"EPSG:{epsg}")
     xs: list[float] = []
     ys: list[float] = []
     # Densify the box edges: a lon/lat box is not a rectangle in UTM.
@@ -70,16 +69,43 @@ def aoi_grid(aoi: Aoi, resolution: float = RESOLUTION_M, pad_m: float = 0.0) -> 
     return Grid(f"EPSG:{epsg}", Affine(resolution, 0.0, left, 0.0, -resolution, top), width, height)
 
 
-def reproject_geometry(geom: Any, src_crs: str, dst_crs: str) -> Any:
-    """Reproject a shapely geometry (always_xy axis order)."""
-    import numpy as np
-    import shapely
+@functools.lru_cache(maxsize=64)
+def transformer(src_crs: str, dst_crs: str) -> Any:
+    """A cached always-xy ``pyproj.Transformer`` (safe to share between threads since pyproj 3.1,
+    which gives each thread its own PROJ object)."""
     from pyproj import Transformer
 
-    tr = Transformer.from_crs(src_crs, dst_crs, always_xy=True)
+    return Transformer.from_crs(src_crs, dst_crs, always_xy=True)
+
+
+def reproject_geometry(geom: Any, src_crs: Any, dst_crs: Any) -> Any:
+    """Reproject a shapely geometry (always_xy axis order); unchanged when the CRSs are the same."""
+    import numpy as np
+    import shapely
+
+    src, dst = _crs_key(src_crs), _crs_key(dst_crs)
+    if _same_crs(src, dst):
+        return geom
+    tr = transformer(src, dst)
 
     def move(xy: Any) -> Any:
         x, y = tr.transform(xy[:, 0], xy[:, 1])
         return np.column_stack([x, y])
 
     return shapely.transform(geom, move)
+
+
+def _crs_key(crs: Any) -> str:
+    """A hashable name for a CRS given as a string or as a pyproj/rasterio CRS object."""
+    if isinstance(crs, str):
+        return crs
+    from pyproj import CRS
+
+    return str(CRS.from_user_input(crs).to_wkt())
+
+
+@functools.lru_cache(maxsize=64)
+def _same_crs(a: str, b: str) -> bool:
+    from pyproj import CRS
+
+    return bool(CRS.from_user_input(a) == CRS.from_user_input(b))

@@ -11,7 +11,7 @@ from affine import Affine
 
 from railwatch import aoi as aoi_mod
 from railwatch.aoi import load_aoi
-from railwatch.geo import aoi_grid
+from railwatch.geo import aoi_grid, reproject_geometry
 from railwatch.imagery.archive import _median_negative
 
 AOI_DIR = Path(__file__).resolve().parents[2] / "aoi"
@@ -30,7 +30,7 @@ def _whole_window_coverage(aoi, crs, transform, shape, half_width_m=None):  # ty
     """track_coverage as it was: the band's whole window supersampled at once."""
     coverage = np.zeros(shape, np.float32)
     band, utm = aoi_mod._track_band_utm(aoi, half_width_m)
-    band = aoi_mod._project(band, utm, crs)
+    band = reproject_geometry(band, utm, crs)
     if band.is_empty:
         return coverage
     a, b, c, d, e, f = tuple(transform)[:6]
