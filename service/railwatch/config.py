@@ -12,12 +12,14 @@ repr, log line and ``config check`` output.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import os
 import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -317,34 +319,87 @@ def _parse_env_value(raw: str) -> Any:
         return raw
 
 
+def _models(annotation: Any) -> list[type[BaseModel]] | None:
+    """The model classes an annotation admits (a union such as a subscriber's kinds gives several),
+    or None when it is not a model."""
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if get_origin(annotation) in (Union, UnionType):
+        found = [m for a in get_args(annotation) for m in (_models(a) or [])]
+        return found or None
+    return None
+
+
+def _list_item(annotation: Any) -> Any | None:
+    """The item annotation of a list-of-models field (``[[subscribers]]``), else None."""
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) is list and _models(get_args(annotation)[0]):
+        return get_args(annotation)[0]
+    return None
+
+
 def _known_path(model: type[BaseModel], path: list[str]) -> bool:
+    """Whether a lower-cased override path names a key: sections and keys by name, the entries of a
+    list of tables (``[[subscribers]]``) by their index."""
     current: Any = model
+    expect_index = False
     for part in path:
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+        if expect_index:
+            if not part.isdigit():
+                return False
+            expect_index = False
+            continue
+        models = _models(current)
+        if not models or part in ("secrets", "source"):
             return False
-        field = current.model_fields.get(part)
-        if field is None or part in ("secrets", "source"):
+        fields = [f for m in models for n, f in m.model_fields.items() if part in (n, f.alias)]
+        if not fields:
             return False
-        current = field.annotation
-    return True
+        current = fields[0].annotation
+        item = _list_item(current)
+        if item is not None:
+            current, expect_index = item, True
+    return not path[-1].isdigit()
+
+
+def _env_order(item: tuple[str, str]) -> list[tuple[int, str]]:
+    """Overrides sorted with list indices as numbers, so that entry 2 comes before entry 10."""
+    return [(int(p), "") if p.isdigit() else (-1, p) for p in item[0].split("__")]
 
 
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str], problems: list[str]) -> None:
-    for name, raw in sorted(environ.items()):
+    """Write ``RAILWATCH_<SECTION>__<KEY>`` overrides into the file's data. An entry of a list of
+    tables is named by its index (``RAILWATCH_SUBSCRIBERS__0__URL``); the index one past the file's
+    last entry adds an entry."""
+    for name, raw in sorted(environ.items(), key=_env_order):
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         path = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
         if not all(path) or not _known_path(Settings, path):
             problems.append(f"environment {name}: names no known configuration key")
             continue
-        node = data
-        for part in path[:-1]:
+        node: Any = data
+        for part, following in itertools.pairwise(path):
+            if isinstance(node, list):
+                index = int(part)
+                if index > len(node):
+                    problems.append(f"environment {name}: there is no entry {index} to override "
+                                    f"({len(node)} in the file and the environment; the next new one is {len(node)})")
+                    break
+                if index == len(node):
+                    node.append({})
+                node = node[index]
+                continue
             child = node.get(part)
-            if not isinstance(child, dict):
-                child = {}
+            if not isinstance(child, list if following.isdigit() else dict):
+                child = [] if following.isdigit() else {}
                 node[part] = child
             node = child
-        node[path[-1]] = _parse_env_value(raw)
+        else:
+            node[path[-1]] = _parse_env_value(raw)
 
 
 def _secret_keys(obj: BaseModel, prefix: str = "") -> list[tuple[str, str]]:

@@ -43,6 +43,33 @@ def test_env_override_and_unknown_override(tmp_path: Path) -> None:
     assert "RAILWATCH_STORE__NOPE" in str(e.value)
 
 
+def test_env_overrides_reach_list_entries_by_index(tmp_path: Path) -> None:
+    """``RAILWATCH_SUBSCRIBERS__<i>__<KEY>`` overrides one [[subscribers]] entry; the next index adds
+    one (a deployment configured from the environment alone, as in Docker)."""
+    p = write(tmp_path, '[[subscribers]]\nname = "ops"\nkind = "webhook"\nurl = "http://127.0.0.1:9/x"\n'
+                        'secret_env = "HOOK_KEY"\n')
+    env = {
+        "HOOK_KEY": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "RAILWATCH_SUBSCRIBERS__0__URL": "http://127.0.0.1:8080/hook",
+        "RAILWATCH_SUBSCRIBERS__1__NAME": "desk",
+        "RAILWATCH_SUBSCRIBERS__1__KIND": "email",
+        "RAILWATCH_SUBSCRIBERS__1__TO": '["desk@example.org"]',
+        "RAILWATCH_SUBSCRIBERS__1__FROM": "railwatch@example.org",
+        "RAILWATCH_SUBSCRIBERS__1__SMTP_HOST": "127.0.0.1",
+    }
+    s = load_settings(p, environ=env, cwd=tmp_path)
+    assert [sub.name for sub in s.subscribers] == ["ops", "desk"]
+    assert s.subscribers[0].url == "http://127.0.0.1:8080/hook"
+    assert s.subscribers[1].to == ["desk@example.org"]
+    for name, why in (("RAILWATCH_SUBSCRIBERS__3__URL", "there is no entry 3"),
+                      ("RAILWATCH_SUBSCRIBERS__0", "names no known configuration key"),
+                      ("RAILWATCH_SUBSCRIBERS__0__NOPE", "names no known configuration key"),
+                      ("RAILWATCH_SUBSCRIBERS__X__URL", "names no known configuration key")):
+        with pytest.raises(ConfigError) as e:
+            load_settings(p, environ={"HOOK_KEY": env["HOOK_KEY"], name: "http://127.0.0.1:1/"}, cwd=tmp_path)
+        assert name in str(e.value) and why in str(e.value)
+
+
 def test_all_errors_reported_together_with_file_and_key(tmp_path: Path) -> None:
     p = write(tmp_path, '[aoi]\ndirr = "x"\n[imagery]\nprovider = "ftp"\n[detector]\nalert_sigma = "high"\n'
                         '[imagery.sentinelhub]\nbase_url = "http://example.com"\n')
