@@ -2,7 +2,9 @@
 
 Pure apart from the reference scenes it is handed: the pipeline (monitor.py) loads those.
 Every scene is first put on the AOI's analysis grid (its UTM box at 10 m, see geo.aoi_grid), so
-masks are computed once per AOI and scenes from any source line up.
+masks are computed once per AOI and scenes from any source line up. Only the pixels the change test
+reads (the AOI's change zone, :func:`change_zone`) are then kept, as vectors: past the quality masks,
+a scene costs time and memory in proportion to its track, not to the AOI's area.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -25,14 +28,17 @@ from railwatch.detect.change import (
     optical_reference,
     radar_change,
     radar_reference,
+    spread_sample,
     wet_snow_drop_db,
 )
 from railwatch.detect.estimate import estimate_cars
 from railwatch.detect.quality import OPTICAL_BANDS, SCL_WATER, Quality, optical_quality, radar_quality
+from railwatch.detect.zone import Zone
 from railwatch.domain import S1, S2, Aoi, Observation, Raster, SceneRef
 from railwatch.geo import Grid, aoi_grid
 
 F32 = npt.NDArray[np.float32]
+B = npt.NDArray[np.bool_]
 #: Below this many earlier clear scenes there is no reference, and so no estimate yet.
 MIN_REFERENCE = 2
 #: A track pixel is a *core* pixel for the optical test when at least this share of it lies inside
@@ -45,21 +51,25 @@ MIN_CORE_SHARE = 0.3
 ZONE_MARGIN = 3
 #: ... and for this many stable pixels, evenly spread (the radiometric fit's candidates).
 ZONE_STABLE_SAMPLE = 20000
+#: The radar reference is computed on the track and on this many of the zone's stable pixels, evenly
+#: spread: the radar test reads only the track; the stable pixels give the surroundings' ratio, a diagnostic.
+RADAR_STABLE_SAMPLE = 5000
 
 
 @dataclass
 class AoiContext:
-    """Per-AOI masks on the analysis grid, computed once."""
+    """Per-AOI masks on the analysis grid, computed once, and the change zone with its windows."""
 
     aoi: Aoi
     grid: Grid
-    track: npt.NDArray[np.bool_]
-    stable: npt.NDArray[np.bool_]
+    track: B
+    stable: B
     metres_per_pixel: float
-    core: npt.NDArray[np.bool_] | None = None
+    #: The pixels the change test can read (see :func:`change_zone`), with a window around every
+    #: track pixel; prepared scenes hold their bands as vectors over it.
+    zone: Zone
+    core: B | None = None
     metres_per_core_pixel: float = 10.0
-    #: The pixels the change test can read (None: the whole grid): see :func:`change_zone`.
-    zone: npt.NDArray[np.bool_] | None = None
 
     @classmethod
     def build(cls, aoi: Aoi, half_width_m: float | None = None) -> AoiContext:
@@ -78,8 +88,8 @@ class AoiContext:
             core = track
         n_core = int(core.sum())
         stable = inside & ~near_track
-        return cls(aoi, grid, track, stable, metres, core, length / n_core if n_core else 10.0,
-                   change_zone(track, stable))
+        return cls(aoi, grid, track, stable, metres, Zone.build(change_zone(track, stable), track), core,
+                   length / n_core if n_core else 10.0)
 
     def detection_mask(self, collection: str) -> tuple[npt.NDArray[np.bool_], float]:
         """The pixels a sensor's occupancy test runs on, and the metres of centreline per such pixel.
@@ -92,15 +102,42 @@ class AoiContext:
             return self.core, self.metres_per_core_pixel
         return self.track, self.metres_per_pixel
 
+    def on_zone(self, mask: B) -> B:
+        """A grid mask of this AOI as a pixel vector over its change zone."""
+        return np.asarray(self.zone.gather(mask), bool)
+
+    @cached_property
+    def stable_sample(self) -> B:
+        """``RADAR_STABLE_SAMPLE`` of the zone's stable pixels, evenly spread, as a pixel vector over the zone."""
+        stable = self.on_zone(self.stable)
+        sample = np.zeros_like(stable)
+        sample[spread_sample(stable, RADAR_STABLE_SAMPLE)] = True
+        return sample
+
+
+@dataclass(frozen=True)
+class OnGrid:
+    """A prepared scene's float bands and usable-pixel mask on the whole analysis grid (for pictures)."""
+
+    bands: dict[str, F32]
+    clear: B
+
 
 @dataclass
 class Prepared:
-    """A scene on the analysis grid: float bands (reflectance 0..1 or linear sigma0) and its quality."""
+    """A scene ready for the change test: float bands (reflectance 0..1 or linear sigma0) and usable
+    pixels (``quality.clear``) as pixel vectors over the AOI's change zone, and its quality.
+
+    The zone is all the change test reads, so that is all the monitor's scene cache holds. ``grid``
+    keeps the whole-grid bands and mask when :func:`prepare` is asked for them (evidence pictures
+    show the whole AOI).
+    """
 
     ref: SceneRef
     bands: dict[str, F32]
     quality: Quality
     geometry_key: str
+    grid: OnGrid | None = None
 
 
 def geometry_key(ref: SceneRef, tags: dict[str, str] | None = None) -> str:
@@ -147,7 +184,14 @@ def to_grid(raster: Raster, grid: Grid) -> dict[str, npt.NDArray[Any]]:
     return out
 
 
-def prepare(ctx: AoiContext, ref: SceneRef, raster: Raster, cfg: DetectorSettings) -> Prepared:
+def prepare(ctx: AoiContext, ref: SceneRef, raster: Raster, cfg: DetectorSettings, *,
+            keep_grid: bool = False) -> Prepared:
+    """The scene's quality (on the AOI's track pixels) and its float bands on the change zone.
+
+    The quality masks are computed on the whole grid (a cloud's edge buffer reaches beyond the zone);
+    the bands are converted to float only at the zone's pixels. ``keep_grid`` also keeps the whole-grid
+    float bands and mask (:attr:`Prepared.grid`).
+    """
     bands = to_grid(raster, ctx.grid)
     tags = {k: str(v) for k, v in raster.tags.items()}
     if ref.collection == S2:
@@ -155,14 +199,22 @@ def prepare(ctx: AoiContext, ref: SceneRef, raster: Raster, cfg: DetectorSetting
             bands, ctx.track, nodata_fraction=cfg.nodata_fraction, snow_fraction=cfg.snow_fraction,
             cloudy_fraction=cfg.cloudy_fraction, partial_fraction=cfg.partial_fraction,
         )
-        fb = {b: np.asarray(bands[b], np.float32) / 10000.0 for b in OPTICAL_BANDS if b in bands}
-        if "SCL" in bands:
-            q_clear = q.clear & (np.asarray(bands["SCL"]) != SCL_WATER)
-            q = Quality(q.status, q.reason, q_clear | (ctx.track & q.clear), q.fractions)
+        clear = q.clear
+        if "SCL" in bands:  # water is no reference for the radiometric fit, but a track over it stays
+            clear = (clear & (np.asarray(bands["SCL"]) != SCL_WATER)) | (ctx.track & clear)
+        names: tuple[str, ...] = tuple(b for b in OPTICAL_BANDS if b in bands)
+        unit = np.float32(10000.0)  # digital numbers to reflectance
     else:
-        fb = {b: np.asarray(bands[b], np.float32) for b in ("VV", "VH")}
-        q = radar_quality(dict(fb), ctx.track, nodata_fraction=cfg.nodata_fraction, partial_fraction=cfg.partial_fraction)
-    return Prepared(ref, fb, q, geometry_key(ref, tags))
+        q = radar_quality(bands, ctx.track, nodata_fraction=cfg.nodata_fraction, partial_fraction=cfg.partial_fraction)
+        clear, names, unit = q.clear, ("VV", "VH"), np.float32(1.0)
+
+    def to_float(a: npt.NDArray[Any]) -> F32:
+        return np.asarray(a, np.float32) / unit
+
+    on_grid = OnGrid({b: to_float(bands[b]) for b in names}, clear) if keep_grid else None
+    zone_bands = {b: to_float(ctx.zone.gather(bands[b])) for b in names}
+    quality = Quality(q.status, q.reason, ctx.on_zone(clear), q.fractions)
+    return Prepared(ref, zone_bands, quality, geometry_key(ref, tags), on_grid)
 
 
 def analyse(
@@ -198,7 +250,7 @@ def analyse(
         )
     mask, metres = ctx.detection_mask(scene.ref.collection)
     if scene.ref.collection == S1:
-        drop = wet_snow_drop_db(scene.bands, [r.bands for r in refs], ctx.stable & q.clear)
+        drop = wet_snow_drop_db(scene.bands, [r.bands for r in refs], ctx.on_zone(ctx.stable) & q.clear)
         metrics["backscatter_change_db"] = round(drop, 2)
         if drop < -cfg.wet_snow_drop_db:
             return Observation(
@@ -208,7 +260,7 @@ def analyse(
                 metrics=metrics,
                 **base,
             )
-    change, _reference = scene_change(ctx, scene, refs)
+    change, _reference = _zone_change(ctx, scene, refs)
     if change.n_track == 0:
         return Observation(status="nodata", reason="no comparable track pixels", metrics=metrics, **base)
     est = estimate_cars(
@@ -239,7 +291,7 @@ def analyse(
     )
 
 
-def change_zone(track: npt.NDArray[np.bool_], stable: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+def change_zone(track: B, stable: B) -> B:
     """The pixels a reference is built for: the track grown by ``ZONE_MARGIN`` pixels, plus an even
     sample of the stable pixels for the radiometric fit.
 
@@ -248,34 +300,39 @@ def change_zone(track: npt.NDArray[np.bool_], stable: npt.NDArray[np.bool_]) -> 
     radar test only on the track. Building the reference over the whole grid costs time and memory
     in proportion to the AOI's area rather than its track (bench/kernel.py, bench/memory.py).
     """
-    zone = ndimage.binary_dilation(track, iterations=ZONE_MARGIN)
-    ys, xs = np.nonzero(stable)
-    if ys.size > ZONE_STABLE_SAMPLE:
-        pick = np.linspace(0, ys.size - 1, ZONE_STABLE_SAMPLE).astype(np.intp)
-        ys, xs = ys[pick], xs[pick]
-    zone[ys, xs] = True
-    return np.asarray(zone)
+    zone = np.asarray(ndimage.binary_dilation(track, iterations=ZONE_MARGIN))
+    zone.reshape(-1)[spread_sample(stable, ZONE_STABLE_SAMPLE)] = True
+    return zone
+
+
+def _zone_change(ctx: AoiContext, scene: Prepared, refs: Sequence[Prepared]) -> tuple[Change, dict[str, F32]]:
+    """The change of a usable scene against its reference scenes, and the reference itself (in the
+    scene's radiometry for optical, track-normalised for radar), as pixel vectors over ``ctx.zone``."""
+    mask, _metres = ctx.detection_mask(scene.ref.collection)
+    q = scene.quality
+    on_mask = ctx.on_zone(mask)
+    track = on_mask & q.clear
+    stable = ctx.on_zone(ctx.stable) & q.clear
+    if scene.ref.collection == S2:
+        reference = optical_reference(scene.bands, [r.bands for r in refs], [r.quality.clear for r in refs], stable)
+        ref_ok = np.all(np.stack([np.isfinite(v) for v in reference.values()]), axis=0)
+        change = optical_change(scene.bands, reference, track & ref_ok, stable & ref_ok, zone=ctx.zone,
+                                neighbours=on_mask)
+        return change, reference
+    # The radar test reads the reference on the track only (and RADAR_STABLE_SAMPLE stable pixels).
+    reference = radar_reference([r.bands for r in refs], track, where=on_mask | ctx.stable_sample)
+    return radar_change(scene.bands, reference, len(refs), track, stable, zone=ctx.zone), reference
 
 
 def scene_change(ctx: AoiContext, scene: Prepared, refs: Sequence[Prepared]) -> tuple[Change, dict[str, F32]]:
     """The change of a usable scene against its reference scenes, exactly as :func:`analyse` measures
-    it, and the reference itself (in the scene's radiometry for optical, track-normalised for radar).
+    it, and the reference itself (in the scene's radiometry for optical, track-normalised for radar),
+    on the whole grid: the reference is NaN off ``ctx.zone``.
 
     Public so that evidence (quicklooks, change maps) shows the very pixels the estimate counted.
-    The reference is computed only over ``ctx.zone`` (NaN elsewhere) when the context has one.
     """
-    mask, _metres = ctx.detection_mask(scene.ref.collection)
-    q = scene.quality
-    track = mask & q.clear
-    stable = ctx.stable & q.clear
-    if scene.ref.collection == S2:
-        reference = optical_reference(scene.bands, [r.bands for r in refs], [r.quality.clear for r in refs], stable,
-                                      where=ctx.zone)
-        ref_ok = np.all(np.stack([np.isfinite(v) for v in reference.values()]), axis=0)
-        change = optical_change(scene.bands, reference, track & ref_ok, stable & ref_ok, neighbours=mask)
-        return change, reference
-    reference = radar_reference([r.bands for r in refs], track, where=ctx.zone)
-    return radar_change(scene.bands, reference, len(refs), track, stable), reference
+    change, reference = _zone_change(ctx, scene, refs)
+    return change.on_grid(ctx.zone), {b: ctx.zone.scatter(v, np.nan) for b, v in reference.items()}
 
 
 def _round(d: dict[str, float]) -> dict[str, float]:

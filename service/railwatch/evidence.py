@@ -33,7 +33,7 @@ from railwatch.domain import S1, S2, Aoi, Observation, SceneRef, iso, utc
 from railwatch.errors import ProviderError, RailwatchError
 
 if TYPE_CHECKING:
-    from railwatch.analysis import AoiContext, Prepared
+    from railwatch.analysis import AoiContext, OnGrid, Prepared
     from railwatch.config import DetectorSettings, Settings
     from railwatch.store import Store
 
@@ -498,7 +498,8 @@ def _provider(settings: Settings, provider: Any | None) -> Any:
 
 
 class _Scenes:
-    """Prepared scenes of one AOI, loaded once per report (alerts share reference scenes)."""
+    """Prepared scenes of one AOI, loaded once per report (alerts share reference scenes), each with its
+    whole-grid bands (the pictures show the whole AOI)."""
 
     def __init__(self, ctx: AoiContext, provider: Any, cfg: DetectorSettings, sources: Mapping[Any, str],
                  size: int = 32) -> None:
@@ -514,7 +515,7 @@ class _Scenes:
             self._cache.move_to_end(key)
             return hit
         ref = SceneRef(self.ctx.aoi.id, collection, key[1], self.sources.get(key, ""))
-        prepared = prepare(self.ctx, ref, self.provider.fetch(self.ctx.aoi, ref), self.cfg)
+        prepared = prepare(self.ctx, ref, self.provider.fetch(self.ctx.aoi, ref), self.cfg, keep_grid=True)
         self._cache[key] = prepared
         while len(self._cache) > self.size:
             self._cache.popitem(last=False)
@@ -541,12 +542,20 @@ def _change(ctx: AoiContext, scene: Prepared, refs: Sequence[Prepared]) -> tuple
     from railwatch.detect import change as det
 
     change, _near_track = scene_change(ctx, scene, refs)
+    now, grids = _grid(scene), [_grid(r) for r in refs]
     if scene.ref.collection == S2:  # the median of the references in the scene's own radiometry
-        before = det.optical_reference(scene.bands, [r.bands for r in refs], [r.quality.clear for r in refs],
-                                       ctx.stable & scene.quality.clear)
+        before = det.optical_reference(now.bands, [g.bands for g in grids], [g.clear for g in grids],
+                                       ctx.stable & now.clear)
         return change, before
-    valid = [np.isfinite(r.bands["VV"]) & (r.bands["VV"] > 0) for r in refs]
-    return change, det.median_reference([r.bands for r in refs], ["VV"], valid)  # sigma0, for dB
+    valid = [np.isfinite(g.bands["VV"]) & (g.bands["VV"] > 0) for g in grids]
+    return change, det.median_reference([g.bands for g in grids], ["VV"], valid)  # sigma0, for dB
+
+
+def _grid(scene: Prepared) -> OnGrid:
+    """The whole-grid bands of a scene :class:`_Scenes` prepared."""
+    if scene.grid is None:
+        raise ValueError(f"scene {scene.ref.acquired} was prepared without its whole-grid bands")
+    return scene.grid
 
 
 def load_scene_evidence(
@@ -588,7 +597,7 @@ def load_scene_evidence(
     change, before = _change(ctx, scene, refs)
     return SceneEvidence(
         alert_id=int(alert.id), aoi_id=aoi.id, aoi_name=aoi.name, sensor=alert.sensor,
-        acquired=utc(alert.opened_acquired), before=before, after=scene.bands, track=ctx.track,
+        acquired=utc(alert.opened_acquired), before=before, after=_grid(scene).bands, track=ctx.track,
         occupied=np.asarray(change.occupied, bool), magnitude=np.asarray(change.magnitude, np.float32),
         crs=str(ctx.grid.crs), transform=ctx.grid.transform,
         threshold=(change.metrics or {}).get("threshold"),

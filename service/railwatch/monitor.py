@@ -48,11 +48,12 @@ MISSION_START = datetime(2014, 10, 1, tzinfo=UTC)
 
 EventHook = Callable[[Session, AlertEventRow, AlertRow, Aoi, bool], None]
 
-#: Prepared scenes (float bands on the AOI grid) kept for reuse as references: at most this many
-#: bytes of pixels, and at most max(SCENE_CACHE_SCENES, 4 x reference_scenes) scenes. A 100 km² AOI
-#: (1000 x 1000 px) takes 17 MB per Sentinel-2 and 9 MB per Sentinel-1 scene, so its whole working set
-#: (6 references for each of 3 geometries) fits; at 400 km² the least useful scenes are read again
-#: rather than holding the process above ~1.5 GiB (bench/memory.py measures it).
+#: Prepared scenes (float bands on the AOI's change zone, see analysis.Prepared) kept for reuse as
+#: references: at most this many bytes of pixels, and at most max(SCENE_CACHE_SCENES, 4 x
+#: reference_scenes) scenes. A 100 km² AOI (1000 x 1000 px, a rail line every km: 89 000 zone pixels)
+#: takes 1.5 MB per Sentinel-2 and 0.8 MB per Sentinel-1 scene (17 and 9 MB when whole grids were
+#: kept), so the scene count binds first; the byte budget guards AOIs with far more track
+#: (bench/memory.py measures it).
 SCENE_CACHE_BYTES = 512 * 2**20
 SCENE_CACHE_SCENES = 24
 
@@ -60,8 +61,9 @@ _CacheKey = tuple[str, str, datetime]
 
 
 def prepared_nbytes(p: Prepared) -> int:
-    """Bytes of pixels a prepared scene holds (its bands and its usable-pixel mask)."""
-    arrays = [*p.bands.values(), p.quality.clear]
+    """Bytes of pixels a prepared scene holds (its bands and its usable-pixel mask, on the zone and,
+    when kept, on the whole grid)."""
+    arrays = [*p.bands.values(), p.quality.clear, *((*p.grid.bands.values(), p.grid.clear) if p.grid else ())]
     return int(sum(getattr(a, "nbytes", 0) for a in arrays))
 
 

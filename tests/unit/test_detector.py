@@ -25,6 +25,7 @@ from railwatch.config import DetectorSettings
 from railwatch.detect.change import mean_reference, optical_change, radar_change
 from railwatch.detect.estimate import estimate_cars
 from railwatch.detect.quality import optical_quality
+from railwatch.detect.zone import Zone
 from railwatch.domain import S1, S2, Observation
 
 CFG = DetectorSettings()
@@ -62,6 +63,37 @@ def test_identical_radar_scenes_give_zero_activity(seed: int) -> None:
     track, stable = _masks()
     ch = radar_change(scene, scene, 4, track, stable)
     assert ch.n_occupied == 0 and ch.activity == 0.0
+
+
+def test_change_on_a_zone_equals_the_change_on_the_whole_grid() -> None:
+    """The pipeline's pixel vectors over the track's zone read exactly what the whole grid holds there."""
+    from scipy import ndimage
+
+    track, stable = _masks()
+    track[40:42, 70:80] = True  # a track at the grid's edge: windows clipped as on the grid
+    zone_mask = ndimage.binary_dilation(track, iterations=3) | (stable & (np.arange(80)[None, :] % 7 == 0))
+    zone = Zone.build(zone_mask, track)
+    ref, cur = _scene(1), _scene(1)
+    rng = np.random.default_rng(5)
+    for b in cur:
+        cur[b] = cur[b] * 1.02 + rng.normal(0, 0.002, cur[b].shape).astype(np.float32)
+        cur[b][29, 20:40] = 0.5  # a consist
+    ref = {b: np.where(zone_mask, v, np.nan).astype(np.float32) for b, v in ref.items()}  # built on the zone only
+    on_grid = optical_change(cur, ref, track, stable, neighbours=track)
+    g = zone.gather
+    on_zone = optical_change({b: g(v) for b, v in cur.items()}, {b: g(v) for b, v in ref.items()}, g(track),
+                             g(stable), zone=zone, neighbours=g(track)).on_grid(zone)
+    assert on_grid.metrics == on_zone.metrics and on_zone.n_occupied > 10
+    assert np.array_equal(on_grid.occupied, on_zone.occupied)
+    np.testing.assert_allclose(on_grid.magnitude, on_zone.magnitude, rtol=1e-5, atol=1e-5)
+    radar = {b: rng.gamma(4.4, 0.05 / 4.4, (60, 80)).astype(np.float32) for b in ("VV", "VH")}
+    lit = {b: np.where(track & (np.arange(80)[None, :] < 30), v * 8, v).astype(np.float32) for b, v in radar.items()}
+    on_grid = radar_change(lit, radar, 4, track, stable)
+    on_zone = radar_change({b: g(v) for b, v in lit.items()}, {b: g(v) for b, v in radar.items()}, 4, g(track),
+                           g(stable), zone=zone).on_grid(zone)
+    assert on_zone.n_occupied > 10 and np.array_equal(on_grid.occupied, on_zone.occupied)
+    assert {k: v for k, v in on_grid.metrics.items() if k != "stable_ratio"} == \
+        {k: v for k, v in on_zone.metrics.items() if k != "stable_ratio"}
 
 
 def test_darker_and_brighter_cars_both_count() -> None:

@@ -94,14 +94,15 @@ def test_optical_path_runs_on_real_l1c_without_scl(name: str, tmp_path: Path) ->
         assert "no SCL band" in scene.quality.reason
         assert scene.quality.status in ("ok", "partial", "cloudy")
         for b in OPTICAL_BANDS:
-            on_track = scene.bands[b][ctx.track]
+            on_track = scene.bands[b][ctx.on_zone(ctx.track)]
             assert np.isfinite(on_track).all() and 0.0 <= float(np.median(on_track)) < 0.5
         scenes.append(scene)
     older, newer = scenes
     # Identical scenes: nothing changed.
-    stable = ctx.stable & older.quality.clear
+    stable = ctx.on_zone(ctx.stable) & older.quality.clear
+    core = ctx.on_zone(ctx.core)
     same = optical_change(older.bands, optical_reference(older.bands, [older.bands], [older.quality.clear], stable),
-                          ctx.core & older.quality.clear, stable)
+                          core & older.quality.clear, stable, zone=ctx.zone, neighbours=core)
     assert same.n_occupied == 0
     # Two real dates (a year apart, other trains): finite change, a finite estimate with its interval.
     obs = analyse(ctx, newer, [older, older], cfg)

@@ -16,4 +16,7 @@ from __future__ import annotations
 #: the persistence test skips scenes that could not be judged.
 #: 2.2.1: references built only near the track (and on a sample of stable pixels for the radiometric
 #: fit), so cost and memory follow the track rather than the AOI's area; estimates barely move.
-DETECTOR_VERSION = "2.2.1"
+#: 2.3.0: scenes kept and tested as vectors over the change zone (the same test); the optical
+#: references' radiometric gains are fitted on the zone's pseudo-invariant pixels (was: the whole
+#: grid's), so estimates move by the gains' noise; the radar reference is computed on the track only.
+DETECTOR_VERSION = "2.3.0"

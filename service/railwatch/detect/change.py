@@ -30,17 +30,20 @@ Radar (Sentinel-1 GRD, linear sigma0)
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage, stats
 
 from railwatch.detect.quality import OPTICAL_BANDS
+from railwatch.detect.zone import Zone, column, diamond_columns, padded, square_columns
 
 F32 = npt.NDArray[np.float32]
 B = npt.NDArray[np.bool_]
+_S = TypeVar("_S", bound=np.generic)
 
 #: Equivalent number of looks of Sentinel-1 IW GRD high resolution (ESA Sentinel-1 Product
 #: Definition, S1-RS-MDA-52-7440: ENL 4.4 for IW GRDH).
@@ -76,25 +79,47 @@ OPTICAL_NOISE_FLOOR = 0.002
 
 @dataclass(frozen=True)
 class Change:
-    """Per-scene change measure on the usable track pixels."""
+    """Per-scene change measure on the usable track pixels.
 
-    occupied: B  # occupied track pixels (grid-shaped)
+    ``occupied`` and ``magnitude`` have the shape of the arrays the test was given: pixel vectors over
+    a zone in the pipeline, whole grids once :meth:`on_grid` has put them back.
+    """
+
+    occupied: B  # occupied track pixels
     n_track: int  # usable track pixels
     n_occupied: int
     expected_false: float  # false positives expected among the usable track pixels
     activity: float  # occupied share of the usable track beyond the false-alarm level (0..1)
-    magnitude: F32  # per-pixel change statistic (grid-shaped; 0 off the track)
+    magnitude: F32  # per-pixel change statistic (0 off the track)
     metrics: dict[str, float] = field(default_factory=dict)
     haze: float = 0.0  # kept for callers; haze is handled by the test's robustness (see the module docstring)
 
+    def on_grid(self, zone: Zone) -> Change:
+        """The same change with its per-pixel arrays on the whole grid (it was measured on ``zone``'s pixels)."""
+        return replace(self, occupied=zone.scatter(self.occupied, False), magnitude=zone.scatter(self.magnitude, 0.0))
 
-def _masked_mean(values: F32, weight: B, size: int) -> F32:
-    w = weight.astype(np.float32)
-    num = ndimage.uniform_filter(np.where(weight, values, 0).astype(np.float32), size=size, mode="nearest")
-    den = ndimage.uniform_filter(w, size=size, mode="nearest")
-    out = np.zeros_like(num)
-    np.divide(num, den, out=out, where=den > 1e-3)
-    return out
+
+def _vectors(bands: dict[str, F32]) -> dict[str, F32]:
+    """Whole-grid bands as pixel vectors over every pixel of the grid (see :meth:`Zone.whole`)."""
+    return {b: v.reshape(-1) for b, v in bands.items()}
+
+
+def _window_mean(values: F32, usable: B, taps: npt.NDArray[np.int32]) -> tuple[F32, npt.NDArray[np.intp]]:
+    """Mean of ``values`` (a pixel vector: one value, or one row of values, per pixel) over the ``usable``
+    pixels of each row of ``taps`` (0 where there are none), and how many pixels each mean took.
+
+    The masked local mean a whole-grid ``ndimage.uniform_filter`` used to give, read only around the
+    pixels tested (``taps`` come from :meth:`Zone.windows`; -1, off the zone, reads nothing).
+    """
+    shape = (-1, *([1] * (values.ndim - 1)))
+    masked = padded(np.where(usable.reshape(shape), values, 0).astype(np.float32))
+    count = padded(usable, False)[taps].sum(axis=1)
+    total = np.zeros((taps.shape[0], *values.shape[1:]), np.float32)
+    for k in range(taps.shape[1]):
+        total += masked[taps[:, k]]
+    mean = np.zeros_like(total)
+    np.divide(total, count.reshape(shape).astype(np.float32), out=mean, where=count.reshape(shape) > 0)
+    return mean, count
 
 
 def robust_fit(x: npt.NDArray[np.floating], y: npt.NDArray[np.floating]) -> tuple[float, float]:
@@ -103,50 +128,94 @@ def robust_fit(x: npt.NDArray[np.floating], y: npt.NDArray[np.floating]) -> tupl
     Orthogonal (total least squares) rather than ordinary regression because both images carry
     noise: ordinary least squares flattens the gain when the pixels span a narrow range (regression
     dilution); orthogonal regression is what relative radiometric normalisation uses (Canty &
-    Nielsen 2008, IR-MAD normalisation).
+    Nielsen 2008, IR-MAD normalisation). A Sentinel-2 scene takes about 30 of these fits (every band
+    of every reference scene, then of the reference), so the 2 x 2 eigenproblem is solved in closed
+    form and the medians by partition.
     """
     ok = np.isfinite(x) & np.isfinite(y)
     x, y = x[ok].astype(np.float64), y[ok].astype(np.float64)
     if x.size < 10 or float(np.ptp(x)) < 1e-6:
-        return 1.0, float(np.median(y - x)) if x.size else 0.0
+        return 1.0, _median(y - x) if x.size else 0.0
     keep = np.ones(x.size, bool)
-    g, o = 1.0, float(np.median(y - x))
+    g, o = 1.0, _median(y - x)
     for _ in range(4):
-        if keep.sum() < 10:
+        if np.count_nonzero(keep) < 10:
             break
-        cov = np.cov(x[keep], y[keep])
-        vals, vecs = np.linalg.eigh(cov)
-        vx, vy = vecs[:, int(np.argmax(vals))]
-        if abs(vx) < 1e-9:
+        xk, yk = x[keep], y[keep]
+        mx, my = float(xk.mean()), float(yk.mean())
+        dx, dy = xk - mx, yk - my
+        # einsum, not a BLAS dot: a threaded dot of 20 000 values stalls on a busy machine.
+        sxx, syy, sxy = (float(np.einsum("i,i", a, b)) for a, b in ((dx, dx), (dy, dy), (dx, dy)))
+        # The major axis of the scatter matrix [[sxx, sxy], [sxy, syy]] (its slope, from whichever
+        # of its two equivalent forms does not cancel).
+        half = 0.5 * (sxx - syy)
+        root = float(np.hypot(half, sxy))
+        if half >= 0:
+            slope = sxy / (half + root) if half + root > 0 else 0.0
+        elif sxy == 0:
+            break  # a vertical major axis: no gain
+        else:
+            slope = (root - half) / sxy
+        if 1.0 / np.sqrt(1.0 + slope * slope) < 1e-9:
             break
-        g = float(vy / vx)
-        o = float(y[keep].mean() - g * x[keep].mean())
+        g = slope
+        o = my - g * mx
         r = (y - (g * x + o)) / np.sqrt(1.0 + g * g)
-        s = 1.4826 * float(np.median(np.abs(r[keep] - np.median(r[keep]))))
+        rk = r[keep]
+        s = 1.4826 * _median(np.abs(rk - _median(rk)))
         keep = np.abs(r) <= 2.5 * max(s, 1e-6)
     if not np.isfinite(g) or not 0.2 < g < 5.0:
-        return 1.0, float(np.median(y - x))
+        return 1.0, _median(y - x)
     return g, o
+
+
+def _median(v: npt.NDArray[np.floating]) -> float:
+    """``np.median`` of a 1-D array of finite values, without its generic overhead (fits call it often)."""
+    half = v.size // 2
+    if v.size % 2:
+        return float(np.partition(v, half)[half])
+    part = np.partition(v, (half - 1, half))
+    return float(0.5 * (part[half - 1] + part[half]))
+
+
+#: Stacks of up to this many layers are sorted by compare-exchange passes over whole layers in
+#: :func:`nan_median` (about 4x faster than ``np.sort`` along axis 0 for the usual 6 reference scenes;
+#: the passes grow with the square of the layers, so deeper stacks use ``np.sort``).
+NETWORK_SORT_LAYERS = 12
 
 
 def nan_median(stack: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     """Median over axis 0 ignoring NaN (NaN where every layer is NaN); much faster than np.nanmedian."""
-    srt = np.sort(stack, axis=0)  # NaN sort last
+    k = stack.shape[0]
+    if k <= NETWORK_SORT_LAYERS:
+        # Odd-even transposition sort: k passes of element-wise min/max between neighbouring layers,
+        # NaN as +inf so that it sorts last (the median below only reads finite layers).
+        rows = [np.where(np.isnan(layer), np.float32(np.inf), layer) for layer in stack]
+        for step in range(k):
+            for i in range(step % 2, k - 1, 2):
+                rows[i], rows[i + 1] = np.minimum(rows[i], rows[i + 1]), np.maximum(rows[i], rows[i + 1])
+        srt = np.stack(rows)
+    else:
+        srt = np.sort(stack, axis=0)  # NaN sort last
     n = np.sum(np.isfinite(stack), axis=0)
-    lo = np.clip((n - 1) // 2, 0, stack.shape[0] - 1)
-    hi = np.clip(n // 2, 0, stack.shape[0] - 1)
+    lo = np.clip((n - 1) // 2, 0, k - 1)
+    hi = np.clip(n // 2, 0, k - 1)
     a = np.take_along_axis(srt, lo[None], axis=0)[0]
     b = np.take_along_axis(srt, hi[None], axis=0)[0]
     return np.where(n > 0, 0.5 * (a + b), np.nan).astype(np.float32)
 
 
-def _subsample(mask: B, limit: int = 20000) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
-    """Row and column indices of at most ``limit`` pixels of ``mask``, evenly spread (deterministic)."""
-    ys, xs = np.nonzero(mask)
-    if ys.size > limit:
-        pick = np.linspace(0, ys.size - 1, limit).astype(np.intp)
-        ys, xs = ys[pick], xs[pick]
-    return ys, xs
+def spread_sample(mask: B, limit: int = 20000) -> npt.NDArray[np.intp]:
+    """Flat indices of at most ``limit`` pixels of ``mask`` (any shape), evenly spread (deterministic)."""
+    idx = np.flatnonzero(mask)
+    if idx.size > limit:
+        idx = idx[np.linspace(0, idx.size - 1, limit).astype(np.intp)]
+    return idx
+
+
+def _at(values: npt.NDArray[_S], idx: npt.NDArray[np.intp]) -> npt.NDArray[_S]:
+    """``values`` (a grid or a pixel vector) at the flat indices ``idx``."""
+    return values.reshape(-1)[idx]
 
 
 def _mad_sigma(v: npt.NDArray[np.floating]) -> float:
@@ -173,30 +242,21 @@ def pseudo_invariant(current: dict[str, F32], reference: dict[str, F32], stable:
 
 def optical_reference(
     current: dict[str, F32], scenes: Sequence[dict[str, F32]], clear: Sequence[B], stable: B,
-    where: B | None = None,
 ) -> dict[str, F32]:
     """Median of the reference scenes, each first brought to the current scene's radiometry.
 
-    ``where`` limits the pixels the reference is computed for (NaN elsewhere): the track and its
-    surroundings are all the change test needs.
+    Pixel by pixel, so the arrays may be whole grids or pixel vectors over a zone: the pipeline passes
+    its change zone (the track, its surroundings and a sample of stable pixels), all the change test
+    reads; the gains are then fitted on that sample's pseudo-invariant pixels.
     """
     bands = [b for b in OPTICAL_BANDS if b in current and all(b in s for s in scenes)]
-    zone = np.ones(stable.shape, bool) if where is None else where
-    zy, zx = np.nonzero(zone)
     stack: dict[str, list[npt.NDArray[np.float32]]] = {b: [] for b in bands}
     for scene, ok in zip(scenes, clear, strict=True):
-        pif = pseudo_invariant(current, scene, stable & ok)
-        fy, fx = _subsample(pif)
-        okz = ok[zy, zx]
+        fit = spread_sample(pseudo_invariant(current, scene, stable & ok))
         for b in bands:
-            g, o = robust_fit(scene[b][fy, fx], current[b][fy, fx])
-            stack[b].append(np.where(okz, g * scene[b][zy, zx] + o, np.nan).astype(np.float32))
-    out: dict[str, F32] = {}
-    for b in bands:
-        full = np.full(stable.shape, np.nan, np.float32)
-        full[zy, zx] = nan_median(np.stack(stack[b]))
-        out[b] = full
-    return out
+            g, o = robust_fit(_at(scene[b], fit), _at(current[b], fit))
+            stack[b].append(np.where(ok, g * scene[b] + o, np.nan).astype(np.float32))
+    return {b: nan_median(np.stack(stack[b])) for b in bands}
 
 
 def _robust_covariance(x: npt.NDArray[np.float64], floor: float) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
@@ -235,12 +295,39 @@ def _taps(offset: float) -> list[tuple[int, float]]:
     return [(lo, 1.0)] if frac == 0 else [(lo, 1.0 - frac), (lo + 1, frac)]
 
 
+def _registration_costs(
+    offsets: Sequence[tuple[float, float]], cur: npt.NDArray[np.float32],
+    read: Callable[[int, int], tuple[npt.NDArray[np.float32], B]], scale: npt.NDArray[np.float32],
+) -> list[float]:
+    """The median whitened squared residual of the track at each registration offset.
+
+    The reference at an offset within one pixel is a bilinear sum of the 3 x 3 integer taps around
+    each pixel (``read``), so the offsets are evaluated a batch at a time with one weight per tap
+    (zero for the taps an offset does not use: the same sums, in the same order, as reading each
+    offset on its own).
+    """
+    taps = [(iy, ix) for iy in (-1, 0, 1) for ix in (-1, 0, 1)]
+    weights = np.zeros((len(offsets), len(taps)), np.float32)
+    for o, (dy, dx) in enumerate(offsets):
+        for iy, wy in _taps(dy):
+            for ix, wx in _taps(dx):
+                weights[o, taps.index((iy, ix))] = wy * wx
+    costs: list[float] = []
+    for batch in np.array_split(np.arange(len(offsets)), max(1, len(offsets) // 9)):
+        value = np.zeros((batch.size, *cur.shape), np.float32)
+        for k, (iy, ix) in enumerate(taps):
+            value += weights[batch, k][:, None, None] * read(iy, ix)[0][None]
+        costs += [float(c) for c in np.median(np.sum(((cur - value) / scale) ** 2, axis=-1), axis=1)]
+    return costs
+
+
 def optical_change(
     current: dict[str, F32],
     reference: dict[str, F32],
     track: B,
     stable: B,
     *,
+    zone: Zone | None = None,
     neighbours: B | None = None,
     false_alarm: float = FALSE_ALARM,
 ) -> Change:
@@ -248,17 +335,25 @@ def optical_change(
 
     ``track`` and ``stable`` already exclude unusable pixels. ``neighbours`` (default: the track and
     the pixels next to it) are the pixels a track pixel may be matched with to absorb sub-pixel
-    misregistration — the formation, never the fields beside it.
+    misregistration — the formation, never the fields beside it. The arrays are pixel vectors over
+    ``zone``, whose windows cover ``track`` (the pipeline's case: the cost follows the track); without a
+    zone they are whole grids, and so is the change returned.
     """
+    if zone is None:
+        whole = Zone.whole(track)
+        nb = ndimage.binary_dilation(track, iterations=1) if neighbours is None else neighbours
+        return optical_change(_vectors(current), _vectors(reference), track.reshape(-1), stable.reshape(-1),
+                              zone=whole, neighbours=nb.reshape(-1), false_alarm=false_alarm).on_grid(whole)
+    if neighbours is None:
+        raise ValueError("neighbours are required with a zone")
     bands = [b for b in OPTICAL_BANDS if b in current and b in reference]
     if not bands:
         raise ValueError("no optical bands in common between the scene and its reference")
     metrics: dict[str, float] = {}
-    pif = pseudo_invariant(current, reference, stable & np.isfinite(reference[bands[0]]))
-    fy, fx = _subsample(pif)
+    fit = spread_sample(pseudo_invariant(current, reference, stable & np.isfinite(reference[bands[0]])))
     pred: dict[str, F32] = {}
     for b in bands:
-        g, o = robust_fit(reference[b][fy, fx], current[b][fy, fx])
+        g, o = robust_fit(reference[b][fit], current[b][fit])
         metrics[f"gain_{b}"] = g
         metrics[f"offset_{b}"] = o
         pred[b] = (g * reference[b] + o).astype(np.float32)
@@ -270,34 +365,40 @@ def optical_change(
     n_track = int(track.sum())
     if n_track < 3:
         return _finish(np.zeros(track.shape, np.float32), track, np.inf, metrics, false_alarm, haze)
-    ys, xs = np.nonzero(track)
-    h, w = track.shape
-    nb = ndimage.binary_dilation(track, iterations=1) if neighbours is None else neighbours
-    cur = np.stack([current[b][ys, xs].astype(np.float32) for b in bands], axis=-1)
-    refstack = np.nan_to_num(np.stack([pred[b] for b in bands], axis=-1))
+    at = np.flatnonzero(track)
+    win = zone.windows(at)
+    cur = np.stack([current[b][at].astype(np.float32) for b in bands], axis=-1)
+    refstack = padded(np.nan_to_num(np.stack([pred[b] for b in bands], axis=-1)))  # off the zone reads 0
+    formation = padded(neighbours, False)
+    reads: dict[tuple[int, int], tuple[npt.NDArray[np.float32], B]] = {}
+
+    def read(iy: int, ix: int) -> tuple[npt.NDArray[np.float32], B]:
+        """The reference ``iy`` rows and ``ix`` columns off every track pixel, and whether that is formation."""
+        if (iy, ix) not in reads:
+            taps = win[:, column(iy, ix)]
+            reads[(iy, ix)] = refstack[taps], formation[taps]
+        return reads[(iy, ix)]
 
     def shifted(dy: float, dx: float) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
         """The reference read at (row + dy, col + dx) for every track pixel (bilinear), and whether
         every pixel it is read from lies on the formation."""
         value = np.zeros_like(cur)
-        ok = np.ones(ys.size, bool)
+        ok = np.ones(at.size, bool)
         for iy, wy in _taps(dy):
             for ix, wx in _taps(dx):
-                yy, xx = np.clip(ys + iy, 0, h - 1), np.clip(xs + ix, 0, w - 1)
-                value += (wy * wx) * refstack[yy, xx]
-                ok &= nb[yy, xx]
+                ref_at, on_formation = read(iy, ix)
+                value += (wy * wx) * ref_at
+                ok &= on_formation
         return value, ok
 
     # Global sub-pixel registration: the offset (quarter-pixel steps) at which the reference fits the
     # scene's track best; Sentinel-2 scenes are shifted as a whole, by a few metres.
-    scale = np.array([max(_mad_sigma(resid[ys, xs, i]), OPTICAL_NOISE_FLOOR) for i in range(len(bands))], np.float32)
+    scale = np.array([max(_mad_sigma(resid[at, i]), OPTICAL_NOISE_FLOOR) for i in range(len(bands))], np.float32)
     best, best_cost = (0.0, 0.0), np.inf
-    for dy in REGISTRATION_OFFSETS:
-        for dx in REGISTRATION_OFFSETS:
-            value, _ = shifted(dy, dx)
-            cost = float(np.median(np.sum(((cur - value) / scale) ** 2, axis=-1)))
-            if cost < best_cost - 1e-9 or (abs(cost - best_cost) <= 1e-9 and abs(dy) + abs(dx) < sum(map(abs, best))):
-                best, best_cost = (dy, dx), cost
+    offsets = [(dy, dx) for dy in REGISTRATION_OFFSETS for dx in REGISTRATION_OFFSETS]
+    for (dy, dx), cost in zip(offsets, _registration_costs(offsets, cur, read, scale), strict=True):
+        if cost < best_cost - 1e-9 or (abs(cost - best_cost) <= 1e-9 and abs(dy) + abs(dx) < sum(map(abs, best))):
+            best, best_cost = (dy, dx), cost
     metrics["shift_rows"], metrics["shift_cols"] = best
     base, _ = shifted(*best)
     r0 = (cur - base).astype(np.float32)
@@ -306,10 +407,8 @@ def optical_change(
     mu32 = mu.astype(np.float32)
 
     # Direction of the surroundings' own change (stable pixels within SURROUNDINGS_WINDOW), whitened.
-    around = stable & finite
-    local = np.stack([_masked_mean(np.nan_to_num(resid[..., i]), around, SURROUNDINGS_WINDOW)[ys, xs]
-                      for i in range(len(bands))], -1)
-    has_local = _masked_mean(np.ones(track.shape, np.float32), around, SURROUNDINGS_WINDOW)[ys, xs] > 0.05
+    local, n_local = _window_mean(resid, stable & finite, win[:, square_columns(SURROUNDINGS_WINDOW)])
+    has_local = n_local > 0
     v = np.where(has_local[:, None], (local - mu32) @ whiten, 0.0).astype(np.float32)
     vn = np.linalg.norm(v, axis=-1, keepdims=True)
     unit = np.where(vn > SURROUNDINGS_MIN_Z, v / np.maximum(vn, 1e-6), 0.0).astype(np.float32)
@@ -331,7 +430,7 @@ def optical_change(
             if ok.any():
                 d2[ok] = np.minimum(d2[ok], distance(cur[ok] - value[ok], unit[ok]))
     stat = np.zeros(track.shape, np.float32)
-    stat[ys, xs] = d2
+    stat[at] = d2
     dof = len(bands)
     threshold = float(stats.chi2.ppf(1.0 - false_alarm, dof))
     metrics["threshold"] = threshold
@@ -344,23 +443,24 @@ def radar_reference(scenes: Sequence[dict[str, F32]], track: B, bands: Sequence[
     """Per-pixel median of same-geometry scenes, each scaled to the same median level on the track.
 
     The median keeps a car that stood in one reference scene out of the reference; the scaling
-    removes calibration and moisture differences between the reference scenes. ``where`` limits
-    the pixels computed (NaN elsewhere).
+    removes calibration and moisture differences between the reference scenes. Pixel by pixel: the
+    arrays may be whole grids or pixel vectors over a zone. ``where`` limits the pixels computed (NaN
+    elsewhere): the radar test reads the reference on the track only.
     """
-    zone = np.ones(track.shape, bool) if where is None else where
-    zy, zx = np.nonzero(zone)
     out: dict[str, F32] = {}
     for b in bands:
         layers = []
         for s in scenes:
             a = s[b].astype(np.float32)
-            on = a[track & np.isfinite(a) & (a > 0)]
-            z = a[zy, zx]
-            z = np.where(np.isfinite(z) & (z > 0), z, np.nan)
+            ok = np.isfinite(a) & (a > 0)
+            on = a[track & ok]
+            z = np.where(ok, a, np.nan) if where is None else np.where(ok[where], a[where], np.nan)
             layers.append(z / float(np.median(on)) if on.size else z)
-        full = np.full(track.shape, np.nan, np.float32)
-        full[zy, zx] = nan_median(np.stack(layers))
-        out[b] = full
+        median = nan_median(np.stack(layers))
+        if where is not None:
+            median, part = np.full(track.shape, np.nan, np.float32), median
+            median[where] = part
+        out[b] = median
     return out
 
 
@@ -372,12 +472,12 @@ def wet_snow_drop_db(current: dict[str, F32], references: Sequence[dict[str, F32
     ratio to a snow-free reference falls below -3 dB). Rolling stock does not darken the ground, so
     a scene far below its reference is wet snow, not traffic.
     """
-    ys, xs = _subsample(stable)
-    if ys.size < 50 or not references:
+    idx = spread_sample(stable)
+    if idx.size < 50 or not references:
         return 0.0
 
     def level(bands: dict[str, F32]) -> float:
-        v = (bands["VV"][ys, xs] + bands["VH"][ys, xs]).astype(np.float64)
+        v = (_at(bands["VV"], idx) + _at(bands["VH"], idx)).astype(np.float64)
         v = v[np.isfinite(v) & (v > 0)]
         return float(np.median(v)) if v.size else float("nan")
 
@@ -412,7 +512,8 @@ def median_reference(stack: Sequence[dict[str, F32]], bands: Sequence[str], vali
 
 def radar_change(
     current: dict[str, F32], reference: dict[str, F32], n_reference: int, track: B, stable: B,
-    *, false_alarm: float = FALSE_ALARM, window: int = RADAR_WINDOW, gain_quantile: float | None = None,
+    *, zone: Zone | None = None, false_alarm: float = FALSE_ALARM, window: int = RADAR_WINDOW,
+    gain_quantile: float | None = None,
 ) -> Change:
     """Ratio of backscatter (VV+VH, linear) to the same-geometry reference: a CFAR test along the track.
 
@@ -423,8 +524,14 @@ def radar_change(
     measured on the track: its lower quartile against the same distribution's (cars only ever
     brighten, so the lower part of the track's ratios is car-free), then again as the median ratio
     of the track pixels that pass found free of cars (a full yard lights the lower quartile too).
-    ``stable`` is only used for a diagnostic.
+    ``stable`` is only used for a diagnostic. The arrays are pixel vectors over ``zone``, whose
+    windows cover ``track``; without a zone they are whole grids, and so is the change returned.
     """
+    if zone is None:
+        whole = Zone.whole(track)
+        return radar_change(_vectors(current), _vectors(reference), n_reference, track.reshape(-1),
+                            stable.reshape(-1), zone=whole, false_alarm=false_alarm, window=window,
+                            gain_quantile=gain_quantile).on_grid(whole)
     cur = (current["VV"] + current["VH"]).astype(np.float32)
     ref = (reference["VV"] + reference["VH"]).astype(np.float32)
     valid = np.isfinite(cur) & np.isfinite(ref) & (ref > 0) & (cur > 0)
@@ -439,27 +546,31 @@ def radar_change(
     q = RADAR_GAIN_QUANTILE if gain_quantile is None else gain_quantile
     gain = float(np.quantile(ratio[track], q)) / float(single.ppf(q))
     # Ratio of local means over the track pixels of the window (speckle averages, a consist does not).
-    lc = _masked_mean(np.where(track, cur, 0).astype(np.float32), track, window)
-    lr = _masked_mean(np.where(track, ref, 0).astype(np.float32), track, window)
-    k = _masked_mean(np.ones_like(cur), track, window) * window * window  # track pixels in the window
-    samples = np.maximum(np.round(k[track]) / S1_SPECKLE_CORRELATION, 1.0)
-    levels, inverse = np.unique(samples, return_inverse=True)  # a few distinct window fillings
-    thresholds = stats.f.ppf(1.0 - false_alarm, 2 * S1_ENL * levels, 2 * S1_ENL * levels * n_ref)
-    stat = np.zeros_like(cur)
+    at = np.flatnonzero(track)
+    win = zone.windows(at)
+    square = win[:, square_columns(window)]
+    lc, _ = _window_mean(cur, track, square)
+    lr, _ = _window_mean(ref, track, square)
+    # Independent samples per window: the test has always counted the whole window (window² pixels),
+    # not only its track pixels; kept as it is so that the detector's figures do not move.
+    samples = max(window * window / S1_SPECKLE_CORRELATION, 1.0)
+    threshold = float(stats.f.ppf(1.0 - false_alarm, 2 * S1_ENL * samples, 2 * S1_ENL * samples * n_ref))
+    near = win[:, diamond_columns(window // 2)]
+    stat = np.zeros(at.size, np.float32)
     excess = np.zeros_like(cur)
     for step in range(1 + RADAR_GAIN_REFINE):
         if step:
             # Refine the gain on the track pixels away from what the last pass found occupied: with many
             # cars (a full yard) the lower quartile itself is lit, and the first gain is too high.
-            free = track & ~ndimage.binary_dilation(excess > 100.0, iterations=window // 2)
-            if int(free.sum()) >= max(30, track.sum() // 4):
+            free = at[~padded(excess > 100.0, False)[near].any(axis=1)]
+            if free.size >= max(30, at.size // 4):
                 gain = float(np.median(ratio[free])) / float(single.median())
-        np.divide(lc, gain * lr, out=stat, where=track & (lr > 0))
+        np.divide(lc, gain * lr, out=stat, where=lr > 0)
         # The per-pixel statistic is the ratio in per cent of its own CFAR threshold: occupied above 100.
-        excess[track] = 100.0 * stat[track] / thresholds[inverse].astype(np.float32)
+        excess[at] = 100.0 * stat / np.float32(threshold)
     metrics["gain"] = gain
     metrics["threshold"] = 100.0
-    metrics["ratio_threshold"] = float(np.median(thresholds[inverse]))
+    metrics["ratio_threshold"] = threshold
     st = stable & valid
     if st.sum() > 100:
         metrics["stable_ratio"] = float(np.median(ratio[st]) / gain)

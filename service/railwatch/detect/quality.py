@@ -40,7 +40,7 @@ class Quality:
 
     status: str
     reason: str
-    clear: npt.NDArray[np.bool_]  # usable pixels on the whole grid
+    clear: npt.NDArray[np.bool_]  # usable pixels (the grid; a prepared scene keeps them on its AOI's change zone)
     fractions: dict[str, float] = field(default_factory=dict)
 
     @property
