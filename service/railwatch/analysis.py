@@ -188,24 +188,29 @@ def prepare(ctx: AoiContext, ref: SceneRef, raster: Raster, cfg: DetectorSetting
             keep_grid: bool = False) -> Prepared:
     """The scene's quality (on the AOI's track pixels) and its float bands on the change zone.
 
-    The quality masks are computed on the whole grid (a cloud's edge buffer reaches beyond the zone);
-    the bands are converted to float only at the zone's pixels. ``keep_grid`` also keeps the whole-grid
-    float bands and mask (:attr:`Prepared.grid`).
+    Quality and bands are computed at the zone's pixels only (the cloud-edge buffer of an optical
+    scene with cloud, shadow or snow reads the whole grid: an edge reaches beyond the zone); the
+    masks are pixel by pixel, so they are those of the whole grid at those pixels. ``keep_grid``
+    also keeps the whole-grid float bands and mask (:attr:`Prepared.grid`), and so computes the
+    quality on the whole grid.
     """
     bands = to_grid(raster, ctx.grid)
     tags = {k: str(v) for k, v in raster.tags.items()}
+    zone = None if keep_grid else ctx.zone  # the pixels quality is computed on (None: the whole grid)
     if ref.collection == S2:
         q = optical_quality(
             bands, ctx.track, nodata_fraction=cfg.nodata_fraction, snow_fraction=cfg.snow_fraction,
-            cloudy_fraction=cfg.cloudy_fraction, partial_fraction=cfg.partial_fraction,
+            cloudy_fraction=cfg.cloudy_fraction, partial_fraction=cfg.partial_fraction, zone=zone,
         )
         clear = q.clear
         if "SCL" in bands:  # water is no reference for the radiometric fit, but a track over it stays
-            clear = (clear & (np.asarray(bands["SCL"]) != SCL_WATER)) | (ctx.track & clear)
+            scl, track = (bands["SCL"], ctx.track) if zone is None else (zone.gather(bands["SCL"]), ctx.on_zone(ctx.track))
+            clear = (clear & (np.asarray(scl) != SCL_WATER)) | (track & clear)
         names: tuple[str, ...] = tuple(b for b in OPTICAL_BANDS if b in bands)
         unit = np.float32(10000.0)  # digital numbers to reflectance
     else:
-        q = radar_quality(bands, ctx.track, nodata_fraction=cfg.nodata_fraction, partial_fraction=cfg.partial_fraction)
+        q = radar_quality(bands, ctx.track, nodata_fraction=cfg.nodata_fraction, partial_fraction=cfg.partial_fraction,
+                          zone=zone)
         clear, names, unit = q.clear, ("VV", "VH"), np.float32(1.0)
 
     def to_float(a: npt.NDArray[Any]) -> F32:
@@ -213,7 +218,7 @@ def prepare(ctx: AoiContext, ref: SceneRef, raster: Raster, cfg: DetectorSetting
 
     on_grid = OnGrid({b: to_float(bands[b]) for b in names}, clear) if keep_grid else None
     zone_bands = {b: to_float(ctx.zone.gather(bands[b])) for b in names}
-    quality = Quality(q.status, q.reason, ctx.on_zone(clear), q.fractions)
+    quality = Quality(q.status, q.reason, ctx.on_zone(clear) if zone is None else clear, q.fractions)
     return Prepared(ref, zone_bands, quality, geometry_key(ref, tags), on_grid)
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -44,6 +44,7 @@ from railwatch.detect.zone import Zone, column, diamond_columns, padded, square_
 F32 = npt.NDArray[np.float32]
 B = npt.NDArray[np.bool_]
 _S = TypeVar("_S", bound=np.generic)
+_F = TypeVar("_F", bound=np.floating)
 
 #: Equivalent number of looks of Sentinel-1 IW GRD high resolution (ESA Sentinel-1 Product
 #: Definition, S1-RS-MDA-52-7440: ENL 4.4 for IW GRDH).
@@ -72,6 +73,9 @@ SUBPIXEL_OFFSETS = (-0.5, 0.0, 0.5)
 REGISTRATION_OFFSETS = (-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0)
 #: Optical: pixels whose NDVI exceeds this in either date are not used to normalise (vegetation).
 PIF_MAX_NDVI = 0.3
+#: Optical: orthogonal fits of a radiometric normalisation, each on the pixels the previous one left
+#: within 2.5 robust sigma (:func:`robust_fit`).
+FIT_PASSES = 4
 #: Optical: floor of the residual standard deviation per band (reflectance). Sentinel-2 L2A surface
 #: reflectance uncertainty is a few thousandths (ESA S2 L2A validation: ~0.005 in the visible).
 OPTICAL_NOISE_FLOOR = 0.002
@@ -130,18 +134,24 @@ def robust_fit(x: npt.NDArray[np.floating], y: npt.NDArray[np.floating]) -> tupl
     dilution); orthogonal regression is what relative radiometric normalisation uses (Canty &
     Nielsen 2008, IR-MAD normalisation). A Sentinel-2 scene takes about 30 of these fits (every band
     of every reference scene, then of the reference), so the 2 x 2 eigenproblem is solved in closed
-    form and the medians by partition.
+    form, the medians by a single-index partition (:func:`_median`), and nothing is computed that the
+    result does not read: the median of y - x only when the fit falls back to it, no clipping after
+    the last of the ``FIT_PASSES`` fits.
     """
     ok = np.isfinite(x) & np.isfinite(y)
     x, y = x[ok].astype(np.float64), y[ok].astype(np.float64)
     if x.size < 10 or float(np.ptp(x)) < 1e-6:
-        return 1.0, _median(y - x) if x.size else 0.0
-    keep = np.ones(x.size, bool)
-    g, o = 1.0, _median(y - x)
-    for _ in range(4):
-        if np.count_nonzero(keep) < 10:
+        return 1.0, float(_median(y - x)) if x.size else 0.0
+    keep: B | None = None  # every pixel, until the first clipping
+    g: float | None = None
+    o = 0.0
+    for step in range(FIT_PASSES):
+        if keep is None:
+            xk, yk = x, y
+        elif np.count_nonzero(keep) < 10:
             break
-        xk, yk = x[keep], y[keep]
+        else:
+            xk, yk = x[keep], y[keep]
         mx, my = float(xk.mean()), float(yk.mean())
         dx, dy = xk - mx, yk - my
         # einsum, not a BLAS dot: a threaded dot of 20 000 values stalls on a busy machine.
@@ -160,22 +170,32 @@ def robust_fit(x: npt.NDArray[np.floating], y: npt.NDArray[np.floating]) -> tupl
             break
         g = slope
         o = my - g * mx
+        if step == FIT_PASSES - 1:
+            break  # the clipping below would only serve a further pass
         r = (y - (g * x + o)) / np.sqrt(1.0 + g * g)
-        rk = r[keep]
-        s = 1.4826 * _median(np.abs(rk - _median(rk)))
+        rk = r if keep is None else r[keep]
+        s = 1.4826 * float(_median(np.abs(rk - _median(rk))))
         keep = np.abs(r) <= 2.5 * max(s, 1e-6)
-    if not np.isfinite(g) or not 0.2 < g < 5.0:
-        return 1.0, _median(y - x)
+    if g is None or not np.isfinite(g) or not 0.2 < g < 5.0:
+        return 1.0, float(_median(y - x))
     return g, o
 
 
-def _median(v: npt.NDArray[np.floating]) -> float:
-    """``np.median`` of a 1-D array of finite values, without its generic overhead (fits call it often)."""
-    half = v.size // 2
-    if v.size % 2:
-        return float(np.partition(v, half)[half])
-    part = np.partition(v, (half - 1, half))
-    return float(0.5 * (part[half - 1] + part[half]))
+def _median(v: npt.NDArray[_F]) -> Any:
+    """``np.median(v, axis=-1)`` of finite values, the very same numbers, about 5x faster.
+
+    ``np.median`` partitions at two indices at once for an even count, which numpy does without its
+    vectorised selection (x86-simd-sort); one single-index partition and the maximum of the lower
+    part give the same two order statistics, and their mean is taken in the same dtype. A numpy
+    scalar for a 1-D array, else an array of the medians of the last axis. NaN are not handled (they
+    sort last): every caller passes finite values.
+    """
+    n = v.shape[-1]
+    half = n // 2
+    part = np.partition(v, half, axis=-1)
+    if n % 2:
+        return part[..., half]
+    return 0.5 * (part[..., :half].max(axis=-1) + part[..., half])
 
 
 #: Stacks of up to this many layers are sorted by compare-exchange passes over whole layers in
@@ -185,24 +205,30 @@ NETWORK_SORT_LAYERS = 12
 
 
 def nan_median(stack: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    """Median over axis 0 ignoring NaN (NaN where every layer is NaN); much faster than np.nanmedian."""
+    """Median over axis 0 ignoring NaN (NaN where every layer is NaN); much faster than np.nanmedian.
+
+    The two middle layers of each pixel are read by flat index rather than ``np.take_along_axis``,
+    and NaN become +inf by ``np.fmin`` (which ignores NaN) rather than ``np.where`` with a scalar:
+    the same numbers, at a third of the cost of those steps.
+    """
     k = stack.shape[0]
     if k <= NETWORK_SORT_LAYERS:
         # Odd-even transposition sort: k passes of element-wise min/max between neighbouring layers,
         # NaN as +inf so that it sorts last (the median below only reads finite layers).
-        rows = [np.where(np.isnan(layer), np.float32(np.inf), layer) for layer in stack]
+        rows = list(np.fmin(stack, np.float32(np.inf)))
         for step in range(k):
             for i in range(step % 2, k - 1, 2):
                 rows[i], rows[i + 1] = np.minimum(rows[i], rows[i + 1]), np.maximum(rows[i], rows[i + 1])
         srt = np.stack(rows)
     else:
         srt = np.sort(stack, axis=0)  # NaN sort last
-    n = np.sum(np.isfinite(stack), axis=0)
-    lo = np.clip((n - 1) // 2, 0, k - 1)
-    hi = np.clip(n // 2, 0, k - 1)
-    a = np.take_along_axis(srt, lo[None], axis=0)[0]
-    b = np.take_along_axis(srt, hi[None], axis=0)[0]
-    return np.where(n > 0, 0.5 * (a + b), np.nan).astype(np.float32)
+    n = np.count_nonzero(np.isfinite(stack), axis=0).reshape(-1)
+    size = n.size
+    flat = srt.reshape(-1)
+    at = np.arange(size)
+    a = flat[np.maximum((n - 1) // 2, 0) * size + at]  # n // 2 < k: no upper bound to clip
+    b = flat[n // 2 * size + at]
+    return np.where(n > 0, 0.5 * (a + b), np.nan).astype(np.float32).reshape(stack.shape[1:])
 
 
 def spread_sample(mask: B, limit: int = 20000) -> npt.NDArray[np.intp]:
@@ -219,9 +245,10 @@ def _at(values: npt.NDArray[_S], idx: npt.NDArray[np.intp]) -> npt.NDArray[_S]:
 
 
 def _mad_sigma(v: npt.NDArray[np.floating]) -> float:
+    """Robust standard deviation (1.4826 x the median absolute deviation) of finite values."""
     if v.size == 0:
         return 0.0
-    return float(1.4826 * np.median(np.abs(v - np.median(v))))
+    return float(1.4826 * _median(np.abs(v - _median(v))))
 
 
 def _ndvi(bands: dict[str, F32]) -> F32:
@@ -267,7 +294,7 @@ def _robust_covariance(x: npt.NDArray[np.float64], floor: float) -> tuple[npt.ND
     pixels does not widen the noise it is tested against.
     """
     p = x.shape[1]
-    mu = np.median(x, axis=0)
+    mu = _median(np.ascontiguousarray(x.T))
     mad = np.array([_mad_sigma(x[:, j]) for j in range(p)])
     cov = np.diag(np.maximum(mad, floor) ** 2)
     cut = float(stats.chi2.ppf(0.975, p))
@@ -304,7 +331,8 @@ def _registration_costs(
     The reference at an offset within one pixel is a bilinear sum of the 3 x 3 integer taps around
     each pixel (``read``), so the offsets are evaluated a batch at a time with one weight per tap
     (zero for the taps an offset does not use: the same sums, in the same order, as reading each
-    offset on its own).
+    offset on its own). A tap no offset of the batch uses is skipped: adding its zero products
+    would not change a bit, and a batch of one row offset uses only three or six of the nine taps.
     """
     taps = [(iy, ix) for iy in (-1, 0, 1) for ix in (-1, 0, 1)]
     weights = np.zeros((len(offsets), len(taps)), np.float32)
@@ -316,8 +344,9 @@ def _registration_costs(
     for batch in np.array_split(np.arange(len(offsets)), max(1, len(offsets) // 9)):
         value = np.zeros((batch.size, *cur.shape), np.float32)
         for k, (iy, ix) in enumerate(taps):
-            value += weights[batch, k][:, None, None] * read(iy, ix)[0][None]
-        costs += [float(c) for c in np.median(np.sum(((cur - value) / scale) ** 2, axis=-1), axis=1)]
+            if weights[batch, k].any():
+                value += weights[batch, k][:, None, None] * read(iy, ix)[0][None]
+        costs += [float(c) for c in _median(np.sum(((cur - value) / scale) ** 2, axis=-1))]
     return costs
 
 
@@ -445,17 +474,25 @@ def radar_reference(scenes: Sequence[dict[str, F32]], track: B, bands: Sequence[
     The median keeps a car that stood in one reference scene out of the reference; the scaling
     removes calibration and moisture differences between the reference scenes. Pixel by pixel: the
     arrays may be whole grids or pixel vectors over a zone. ``where`` limits the pixels computed (NaN
-    elsewhere): the radar test reads the reference on the track only.
+    elsewhere): the radar test reads the reference on the track only. It must cover ``track``, so that
+    each scene is read at those pixels only, its track level included.
     """
+    if where is not None and np.count_nonzero(track & ~where):
+        raise ValueError("where must cover the track")
+
+    def computed(v: npt.NDArray[_S]) -> npt.NDArray[_S]:
+        return v if where is None else v[where]
+
+    on_track = computed(track)
     out: dict[str, F32] = {}
     for b in bands:
         layers = []
         for s in scenes:
-            a = s[b].astype(np.float32)
+            a = computed(s[b]).astype(np.float32)
             ok = np.isfinite(a) & (a > 0)
-            on = a[track & ok]
-            z = np.where(ok, a, np.nan) if where is None else np.where(ok[where], a[where], np.nan)
-            layers.append(z / float(np.median(on)) if on.size else z)
+            on = a[on_track & ok]
+            z = np.where(ok, a, np.nan)
+            layers.append(z / float(_median(on)) if on.size else z)
         median = nan_median(np.stack(layers))
         if where is not None:
             median, part = np.full(track.shape, np.nan, np.float32), median
@@ -479,7 +516,7 @@ def wet_snow_drop_db(current: dict[str, F32], references: Sequence[dict[str, F32
     def level(bands: dict[str, F32]) -> float:
         v = (_at(bands["VV"], idx) + _at(bands["VH"], idx)).astype(np.float64)
         v = v[np.isfinite(v) & (v > 0)]
-        return float(np.median(v)) if v.size else float("nan")
+        return float(_median(v)) if v.size else float("nan")
 
     ref = float(np.nanmedian([level(r) for r in references]))
     cur = level(current)
@@ -549,8 +586,9 @@ def radar_change(
     at = np.flatnonzero(track)
     win = zone.windows(at)
     square = win[:, square_columns(window)]
-    lc, _ = _window_mean(cur, track, square)
-    lr, _ = _window_mean(ref, track, square)
+    # Scene and reference side by side: one pass over the window table, each column summed as on its own.
+    local, _ = _window_mean(np.stack([cur, ref], axis=-1), track, square)
+    lc, lr = local[:, 0], local[:, 1]
     # Independent samples per window: the test has always counted the whole window (window² pixels),
     # not only its track pixels; kept as it is so that the detector's figures do not move.
     samples = max(window * window / S1_SPECKLE_CORRELATION, 1.0)
@@ -564,7 +602,7 @@ def radar_change(
             # cars (a full yard) the lower quartile itself is lit, and the first gain is too high.
             free = at[~padded(excess > 100.0, False)[near].any(axis=1)]
             if free.size >= max(30, at.size // 4):
-                gain = float(np.median(ratio[free])) / float(single.median())
+                gain = float(_median(ratio[free])) / float(single.median())
         np.divide(lc, gain * lr, out=stat, where=lr > 0)
         # The per-pixel statistic is the ratio in per cent of its own CFAR threshold: occupied above 100.
         excess[at] = 100.0 * stat / np.float32(threshold)
@@ -573,7 +611,7 @@ def radar_change(
     metrics["ratio_threshold"] = threshold
     st = stable & valid
     if st.sum() > 100:
-        metrics["stable_ratio"] = float(np.median(ratio[st]) / gain)
+        metrics["stable_ratio"] = float(_median(ratio[st]) / gain)
     return _finish(excess, track, 100.0, metrics, false_alarm)
 
 

@@ -1,0 +1,157 @@
+"""The change test's fast kernels give the very numbers of the plain numpy they replace.
+
+The accuracy benchmark's three-count calibration turns any change in the raw estimates into
+random accuracy deltas, so speed-ups of the detector must be exact, not merely close.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from railwatch.detect.change import _median, _registration_costs, robust_fit
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 11, 20000, 20001])
+def test_median_is_numpy_median(n: int, dtype: type) -> None:
+    rng = np.random.default_rng(n)
+    v = rng.normal(size=n).astype(dtype)
+    v[: n // 3] = v[0]  # ties
+    got = _median(v)
+    assert got == np.median(v) and got.dtype == np.median(v).dtype
+    rows = rng.normal(size=(5, n)).astype(dtype)
+    got_rows = _median(rows)
+    assert np.array_equal(got_rows, np.median(rows, axis=-1)) and got_rows.dtype == rows.dtype
+
+
+def _plain_robust_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """The fit as first written (np.median, four clipping passes, the last one unused)."""
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok].astype(np.float64), y[ok].astype(np.float64)
+    if x.size < 10 or float(np.ptp(x)) < 1e-6:
+        return 1.0, float(np.median(y - x)) if x.size else 0.0
+    keep = np.ones(x.size, bool)
+    g, o = 1.0, float(np.median(y - x))
+    for _ in range(4):
+        if np.count_nonzero(keep) < 10:
+            break
+        xk, yk = x[keep], y[keep]
+        mx, my = float(xk.mean()), float(yk.mean())
+        dx, dy = xk - mx, yk - my
+        sxx, syy, sxy = (float(np.einsum("i,i", a, b)) for a, b in ((dx, dx), (dy, dy), (dx, dy)))
+        half = 0.5 * (sxx - syy)
+        root = float(np.hypot(half, sxy))
+        if half >= 0:
+            slope = sxy / (half + root) if half + root > 0 else 0.0
+        elif sxy == 0:
+            break
+        else:
+            slope = (root - half) / sxy
+        if 1.0 / np.sqrt(1.0 + slope * slope) < 1e-9:
+            break
+        g = slope
+        o = my - g * mx
+        r = (y - (g * x + o)) / np.sqrt(1.0 + g * g)
+        rk = r[keep]
+        s = 1.4826 * float(np.median(np.abs(rk - np.median(rk))))
+        keep = np.abs(r) <= 2.5 * max(s, 1e-6)
+    if not np.isfinite(g) or not 0.2 < g < 5.0:
+        return 1.0, float(np.median(y - x))
+    return g, o
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_robust_fit_is_the_plain_fit(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.choice([5, 12, 200, 2001, 20000]))
+    x = rng.uniform(0.02, 0.3, n).astype(np.float32)
+    y = (rng.uniform(0.1, 6.0) * x + rng.normal(0, 0.01, n)).astype(np.float32)
+    if seed % 3 == 0:
+        y[: n // 5] += 0.1  # outliers to clip
+    if seed % 5 == 0:
+        x[::7] = np.nan
+    if seed % 11 == 0:
+        x[:] = 0.1  # no spread: the median offset
+    assert robust_fit(x, y) == _plain_robust_fit(x, y)
+
+
+def test_registration_costs_skip_unused_taps_exactly() -> None:
+    rng = np.random.default_rng(3)
+    cur = rng.normal(size=(500, 4)).astype(np.float32)
+    grids = {(iy, ix): rng.normal(size=(500, 4)).astype(np.float32) for iy in (-1, 0, 1) for ix in (-1, 0, 1)}
+    scale = np.full(4, 0.5, np.float32)
+    steps = (-1.0, -0.75, -0.5, 0.0, 0.25, 1.0)
+    offsets = [(dy, dx) for dy in steps for dx in steps]
+
+    def read(iy: int, ix: int) -> tuple[np.ndarray, np.ndarray]:
+        return grids[(iy, ix)], np.ones(500, bool)
+
+    got = _registration_costs(offsets, cur, read, scale)
+    for (dy, dx), cost in zip(offsets, got, strict=True):
+        value = np.zeros_like(cur)  # every tap added, zero weights included, as before
+        for iy in (-1, 0, 1):
+            for ix in (-1, 0, 1):
+                wy = max(0.0, 1.0 - abs(dy - iy))
+                wx = max(0.0, 1.0 - abs(dx - ix))
+                value += np.float32(wy * wx) * grids[(iy, ix)]
+        assert cost == float(np.median(np.sum(((cur - value) / scale) ** 2, axis=-1)))
+
+
+@pytest.mark.parametrize("layers", [1, 2, 5, 6, 7, 13])
+def test_nan_median_is_numpy_nanmedian(layers: int) -> None:
+    import warnings
+
+    from railwatch.detect.change import nan_median
+
+    rng = np.random.default_rng(layers)
+    stack = rng.normal(size=(layers, 30, 40)).astype(np.float32)
+    stack[rng.random(stack.shape) < 0.3] = np.nan
+    stack[:, 0, :5] = np.nan  # no finite layer
+    stack[0, 1, 0], stack[-1, 1, 1] = np.inf, -np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        want = np.nanmedian(stack[:, 2:], axis=0)  # rows without infinities: the median of the finite layers
+    got = nan_median(stack)
+    assert got.shape == stack.shape[1:] and got.dtype == np.float32
+    assert np.array_equal(got[2:], want.astype(np.float32), equal_nan=True)
+    assert np.all(np.isnan(got[0, :5]))
+
+
+@pytest.mark.parametrize("cloud", [False, True])
+@pytest.mark.parametrize("scl", [True, False])
+def test_quality_on_the_zone_is_the_grid_quality_there(cloud: bool, scl: bool) -> None:
+    from railwatch.detect.quality import _is, optical_quality, radar_quality
+    from railwatch.detect.zone import Zone
+
+    rng = np.random.default_rng(int(cloud) + 2 * int(scl))
+    shape = (80, 90)
+    track = np.zeros(shape, bool)
+    track[40:43, 5:85] = True
+    zone_mask = np.zeros(shape, bool)
+    zone_mask[37:46, 2:88] = True
+    zone_mask.reshape(-1)[::17] = True
+    zone = Zone.build(zone_mask, track)
+    codes = rng.choice([4, 5, 6], size=shape)
+    bands = {b: rng.integers(1, 3000, size=shape).astype(np.uint16) for b in ("B02", "B03", "B04", "B08")}
+    bands["B03"][40, 10:14] = 0
+    if cloud:
+        codes[20:38, 30:50] = 9  # a cloud off the zone whose edge reaches the track
+        codes[41, 60:62] = 3
+        codes[0:5, 0:5] = 11
+        bands["B02"][20:38, 30:50] = bands["B04"][20:38, 30:50] = 5000
+    if scl:
+        bands["SCL"] = codes.astype(np.uint8)
+        assert np.array_equal(_is(bands["SCL"], (3, 9, 11)), np.isin(bands["SCL"], (3, 9, 11)))
+    kw = {"nodata_fraction": 0.5, "snow_fraction": 0.3, "cloudy_fraction": 0.5, "partial_fraction": 0.1}
+    whole = optical_quality(bands, track, **kw)
+    on_zone = optical_quality(bands, track, zone=zone, **kw)
+    assert (on_zone.status, on_zone.reason, on_zone.fractions) == (whole.status, whole.reason, whole.fractions)
+    assert np.array_equal(on_zone.clear, zone.gather(whole.clear))
+    assert whole.fractions["cloud_edge"] > 0 or not cloud
+    radar = {"VV": rng.random(shape).astype(np.float32), "VH": rng.random(shape).astype(np.float32)}
+    radar["VV"][41, 10:30] = np.nan
+    rwhole = radar_quality(radar, track, nodata_fraction=0.5, partial_fraction=0.01)
+    rzone = radar_quality(radar, track, nodata_fraction=0.5, partial_fraction=0.01, zone=zone)
+    assert (rzone.status, rzone.fractions) == (rwhole.status, rwhole.fractions)
+    assert np.array_equal(rzone.clear, zone.gather(rwhole.clear))
