@@ -38,7 +38,7 @@ bench-accuracy: $(STAMP)
 
 # Performance benchmarks (issue 8; bench/README.md): each prints its table with ratios measured in
 # the same run. `make bench` takes about 7 minutes on 2 cores; `make bench-full` adds the 400 km²
-# and 1000-AOI cases (about an hour). Peers (rasterstats, exactextract) come with the `bench` extra.
+# and 1000-AOI cases (44 min on 2 cores). Peers (rasterstats, exactextract) come with the `bench` extra.
 BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
