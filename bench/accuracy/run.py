@@ -54,6 +54,10 @@ REVISIT_DAYS = {S2: 5.0, S1: 6.0}
 #: One revisit, for "caught when an alert opens between a surge's start and its end plus one revisit".
 ALERT_GRACE_DAYS = 6.0
 FULL_YARD = 40
+#: The `[detector]` settings the alert rule reads (docs/detector.md §7): what ``--detector`` may replay.
+RULE_KEYS = ("min_history", "baseline_days", "alert_sigma", "alert_ratio", "alert_min_cars", "resolve_ratio",
+             "escalation_ratio", "open_min_clear", "open_min_clear_optical", "optical_opens_alone", "confirm_days",
+             "single_scene_factor")
 CALIBRATION_COUNTS = 3
 
 DEFAULT_AOIS = ("tumangang-khasan", "sinuiju-dandong")
@@ -362,18 +366,20 @@ def score(cases: list[dict[str, Any]], sensor: str | None) -> dict[str, Any]:
     return out
 
 
-def replayed(cases: list[dict[str, Any]], *, perfect: bool = False) -> list[dict[str, Any]]:
+def replayed(cases: list[dict[str, Any]], *, perfect: bool = False,
+             settings: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The cases with their alerts decided by the alert rule replayed over the calibrated history
     (what `railwatch reprocess` does after `railwatch calibrate`); with ``perfect``, every usable
     scene's estimate is first replaced by the truth: what a perfect car counter would give on the same
-    scenes (clouds, snow, haze and gaps stay)."""
+    scenes (clouds, snow, haze and gaps stay). ``settings`` override `[detector]` keys of the rule
+    (``--detector``)."""
     import copy
 
     from railwatch.baseline import replay
     from railwatch.config import DetectorSettings
     from railwatch.domain import Observation
 
-    cfg = DetectorSettings()
+    cfg = DetectorSettings.model_validate(settings or {})
     out = []
     for c in cases:
         c2 = copy.deepcopy(c)
@@ -440,6 +446,29 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _detector_overrides(pairs: Sequence[str], ap: argparse.ArgumentParser) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs as validated `[detector]` settings (a bad key or value is a usage error)."""
+    from pydantic import ValidationError
+
+    from railwatch.config import DetectorSettings
+
+    raw: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            ap.error(f"--detector takes KEY=VALUE, not {pair!r}")
+        if key.strip() not in RULE_KEYS:
+            ap.error(f"--detector {key.strip()}: not a setting of the alert rule (the backfill is not re-run); "
+                     f"one of {', '.join(RULE_KEYS)}")
+        raw[key.strip()] = value.strip()
+    try:
+        return DetectorSettings.model_validate(raw).model_dump(include=set(raw))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        ap.error(f"--detector {'.'.join(str(x) for x in err['loc'])}: {err['msg']}")
+    return {}  # not reached: ap.error exits
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--split", choices=sorted(SPLITS), default="report",
@@ -453,15 +482,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="working folder (archives are kept and reused between runs)")
     ap.add_argument("--json", help="also write every figure and every scene to this JSON file")
     ap.add_argument("--rescore", action="store_true", help="score the cases saved by the last run without running them")
+    ap.add_argument("--detector", action="append", default=[], metavar="KEY=VALUE",
+                    help="replay the alert rule with this [detector] setting of the rule (repeatable, e.g. "
+                         "alert_sigma=2.0; with --rescore a what-if in seconds): " + ", ".join(RULE_KEYS))
     args = ap.parse_args(argv)
+    overrides = _detector_overrides(args.detector, ap)
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     cases = plan(args.split, args.full, args.aoi, args.seeds)
     if args.cases:
         cases = cases[: args.cases]
-    print(f"split {args.split}: seeds {SPLITS[args.split][0]}-{SPLITS[args.split][-1]} "
-          f"({'tuning' if args.split == 'tune' else 'held out, never tuned on'}); {len(cases)} case(s): "
-          + ", ".join(c.name for c in cases), file=sys.stderr)
+    if not args.rescore:
+        print(f"split {args.split}: seeds {SPLITS[args.split][0]}-{SPLITS[args.split][-1]} "
+              f"({'tuning' if args.split == 'tune' else 'held out, never tuned on'}); {len(cases)} case(s): "
+              + ", ".join(c.name for c in cases), file=sys.stderr)
     t0 = time.monotonic()
     saved = work / f"cases-{args.split}.json"
     if args.rescore:
@@ -475,15 +509,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"  {c.name}: {res['seconds']} s", file=sys.stderr)
                 done.append(res)
         saved.write_text(json.dumps(done))
-    calibrated = replayed(done)
+    calibrated = replayed(done, settings=overrides)
     results = {"all sensors (alerts)": score(calibrated, None), "Sentinel-2": score(calibrated, S2),
                "Sentinel-1": score(calibrated, S1),
-               "ceiling: perfect counts, same rule": score(replayed(done, perfect=True), None)}
+               "ceiling: perfect counts, same rule": score(replayed(done, perfect=True, settings=overrides), None)}
     backfill_alerts = score(done, None)
     print(f"\nrailwatch accuracy benchmark — split {args.split} (seeds {', '.join(str(s) for s in sorted({c['case']['seed'] for c in done}))}), "
           f"AOIs {', '.join(sorted({c['case']['aoi'] for c in done}))}; "
           f"{sum(1 for c in done if not c['case']['quiet'])} surge case(s) of {DAYS} days, "
-          f"{sum(1 for c in done if c['case']['quiet'])} quiet year(s); {time.monotonic() - t0:.0f} s\n")
+          f"{sum(1 for c in done if c['case']['quiet'])} quiet year(s); {time.monotonic() - t0:.0f} s"
+          + (f"; alert rule replayed with {', '.join(args.detector)}" if overrides else "") + "\n")
     print(table(results))
     print(f"\nDuring the uncalibrated backfill (before the three counts) the service opened {backfill_alerts['alerts']} "
           f"alert(s), {backfill_alerts['false_alerts']} false (F1 {_fmt(backfill_alerts['f1'])}); the table scores the "
