@@ -12,8 +12,14 @@ For AOIs from 1 km² to 100 km² (400 km² with ``--full``) it
    - **railwatch**: ``Monitor.backfill`` over the archive, exactly as ``railwatch backfill`` runs
      it (read + validate, grid, quality, change against the cached reference scenes, estimate,
      store). The track masks (``AoiContext.build``) are built once per AOI and timed apart; the
-     per-scene figure is the median over the scenes analysed against a full reference
-     (``reference_scenes`` earlier clear scenes), per sensor;
+     per-scene figure is the wall time between two progress callbacks, the median over the scenes
+     analysed against a full reference (``reference_scenes`` earlier clear scenes), per sensor.
+     With read-ahead (``[imagery] read_ahead``, default 1; ``--read-ahead N`` sets it) the next
+     scene is read and prepared in a background thread while one is analysed, so that wall time
+     overlaps the next read; the CPU time per scene (``time.process_time()`` between the same
+     callbacks: every thread of the process) is shown beside it, so overlap (wall below CPU) can be
+     told from less work (both lower), and so are the whole backfill's wall and CPU time. A scene's
+     read time and files are its own read (wherever it ran) and the references it read again;
    - **rasterstats**: ``rasterstats.zonal_stats`` of the buffered track geometry, mean and count of
      every band the detector reads, on the same files;
    - **exactextract**: ``exactextract.exact_extract`` of the same geometry and statistics;
@@ -27,6 +33,7 @@ For AOIs from 1 km² to 100 km² (400 km² with ``--full``) it
     .venv/bin/python bench/kernel.py                      # 1, 10, 50, 100 km², ~5 min on 2 cores
     .venv/bin/python bench/kernel.py --full               # adds 400 km² (~2000 x 2000 px)
     .venv/bin/python bench/kernel.py --sizes 1 10 --json out.json
+    .venv/bin/python bench/kernel.py --sizes 10 100 --read-ahead 0   # scenes read, then analysed
 
 rasterstats and exactextract come with ``pip install -e '.[bench]'``; without them their columns
 are left empty. Nothing here is imported by the service.
@@ -43,6 +50,7 @@ import resource
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -201,10 +209,12 @@ def _rss() -> int:
         return 0
 
 
-def measure_railwatch(aoi_path: str, archive: str, workdir: str, cache_bytes: int | None = None) -> dict[str, Any]:
-    """``Monitor.backfill`` over the archive; masks timed apart, per-scene times and fetch times.
+def measure_railwatch(aoi_path: str, archive: str, workdir: str, cache_bytes: int | None = None,
+                      read_ahead: int | None = None) -> dict[str, Any]:
+    """``Monitor.backfill`` over the archive; masks timed apart, per-scene wall and CPU times and fetch times.
 
-    ``cache_bytes`` overrides the monitor's prepared-scene cache budget (for comparisons).
+    ``cache_bytes`` overrides the monitor's prepared-scene cache budget (for comparisons);
+    ``read_ahead`` sets ``[imagery] read_ahead`` (None: the configuration's default).
     """
     from railwatch.config import Settings
     from railwatch.imagery.files import FilesProvider
@@ -214,12 +224,16 @@ def measure_railwatch(aoi_path: str, archive: str, workdir: str, cache_bytes: in
     aoi = load(Path(aoi_path))
     db = Path(workdir) / f"rw-{os.getpid()}-{time.monotonic_ns()}.db"
     store = Store(f"sqlite:///{db}")
-    settings = Settings.model_validate({"store": {"url": store.url}})
+    settings = Settings.model_validate({"store": {"url": store.url},
+                                        "imagery": {} if read_ahead is None else {"read_ahead": read_ahead}})
 
     class TimedFiles(FilesProvider):
+        """Each fetch's duration, scene, and whether the read-ahead thread made it."""
+
         def __init__(self, root: str) -> None:
             super().__init__(root)
             self.fetches: list[float] = []
+            self.scenes: list[tuple[str, datetime, bool]] = []
 
         def fetch(self, aoi: Any, ref: Any) -> Any:
             t = time.perf_counter()
@@ -227,6 +241,7 @@ def measure_railwatch(aoi_path: str, archive: str, workdir: str, cache_bytes: in
                 return super().fetch(aoi, ref)
             finally:
                 self.fetches.append(time.perf_counter() - t)
+                self.scenes.append((ref.collection, ref.acquired, threading.current_thread() is not threading.main_thread()))
 
     provider = TimedFiles(archive)
     monitor = Monitor(settings, store, provider)
@@ -238,29 +253,39 @@ def measure_railwatch(aoi_path: str, archive: str, workdir: str, cache_bytes: in
     t_masks = time.perf_counter() - t
     n_track = int(ctx.track.sum())
     stamps: list[float] = []
+    cpu_stamps: list[float] = []
     fetch_marks: list[int] = []
 
     def progress(_i: int, _n: int) -> None:
         stamps.append(time.perf_counter())
+        cpu_stamps.append(time.process_time())  # every thread of the process: the read-ahead's too
         fetch_marks.append(len(provider.fetches))
 
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     result = monitor.backfill(aoi, since=T0 - timedelta(days=1), until=T0 + timedelta(days=3650), progress=progress)
+    wall, cpu_total = time.perf_counter() - t_start, time.process_time() - cpu_start
     obs = sorted(store.observations(aoi.id), key=lambda o: (o.acquired, o.collection))
+    # A scene's reads: those of the main thread between its progress callbacks (the scene itself, or
+    # references read again), and its own read by the read-ahead thread, whenever that was.
+    ahead = {(c, a): d for d, (c, a, background) in zip(provider.fetches, provider.scenes, strict=True) if background}
     per_scene: list[dict[str, Any]] = []
-    prev, prev_fetch = t_start, 0
-    for o, stamp, fm in zip(obs, stamps, fetch_marks, strict=True):
+    prev, prev_cpu, prev_fetch = t_start, cpu_start, 0
+    for o, stamp, cpu, fm in zip(obs, stamps, cpu_stamps, fetch_marks, strict=True):
+        main = [d for d, (*_, background) in zip(provider.fetches[prev_fetch:fm], provider.scenes[prev_fetch:fm],
+                                                  strict=True) if not background]
+        own = [ahead[(o.collection, o.acquired)]] if (o.collection, o.acquired) in ahead else []
         per_scene.append({
             "collection": o.collection, "status": o.status, "n_reference": o.metrics.get("n_reference", 0),
-            "estimated": o.estimated_cars is not None, "seconds": stamp - prev,
-            "read_seconds": sum(provider.fetches[prev_fetch:fm]), "reads": fm - prev_fetch,
+            "estimated": o.estimated_cars is not None, "seconds": stamp - prev, "cpu_seconds": cpu - prev_cpu,
+            "read_seconds": sum(main + own), "reads": len(main + own),
         })
-        prev, prev_fetch = stamp, fm
+        prev, prev_cpu, prev_fetch = stamp, cpu, fm
     return {"masks_s": t_masks, "n_track": n_track, "grid_px": int(ctx.track.size), "scenes": per_scene,
             "statuses": dict(result.statuses), "rss_start": rss0, "peak_rss": _peak_rss(),
-            "wall_s": time.perf_counter() - t_start, "reads": len(provider.fetches),
+            "wall_s": wall, "cpu_s": cpu_total, "reads": len(provider.fetches),
             "cache_bytes": getattr(monitor, "cache_bytes", None),
-            "reference_scenes": settings.detector.reference_scenes}
+            "reference_scenes": settings.detector.reference_scenes,
+            "read_ahead": getattr(settings.imagery, "read_ahead", 0)}
 
 
 def _scene_files(archive: str, aoi_id_: str, collection: str) -> list[str]:
@@ -383,7 +408,7 @@ def steady(scenes: Sequence[dict[str, Any]], collection: str) -> list[dict[str, 
 
 def bench_size(km2: float, work: Path, *, n_scenes: int, repeat: int, rw_repeat: int, inline: bool,
                methods: Sequence[str], log: Callable[[str], None],
-               spacing_m: float = TRACK_SPACING_M) -> dict[str, Any]:
+               spacing_m: float = TRACK_SPACING_M, read_ahead: int | None = None) -> dict[str, Any]:
     folder = work / aoi_id(km2, spacing_m)
     folder.mkdir(parents=True, exist_ok=True)
     archive = folder / "archive"
@@ -392,19 +417,24 @@ def bench_size(km2: float, work: Path, *, n_scenes: int, repeat: int, rw_repeat:
     t = time.perf_counter()
     n_written = write_archive(aoi, archive, n_scenes, n_scenes)
     log(f"  {aoi.id}: {n_written} scenes written in {time.perf_counter() - t:.1f} s")
-    runs = [_call(inline, measure_railwatch, str(aoi_path), str(archive), str(folder)) for _ in range(rw_repeat)]
+    runs = [_call(inline, measure_railwatch, str(aoi_path), str(archive), str(folder), None, read_ahead)
+            for _ in range(rw_repeat)]
     rw = runs[0]
     row: dict[str, Any] = {"km2": km2, "spacing_m": spacing_m, "grid_px": rw["grid_px"], "track_px": rw["n_track"],
                            "masks_s": statistics.median(r["masks_s"] for r in runs),
                            "railwatch_peak_rss": max(r["peak_rss"] for r in runs),
                            "railwatch_rss_start": rw["rss_start"], "statuses": rw["statuses"],
-                           "railwatch_runs": len(runs), "collections": {}}
+                           "railwatch_runs": len(runs), "read_ahead": rw["read_ahead"],
+                           "backfill_scenes": len(rw["scenes"]),
+                           "backfill_wall_s": statistics.median(r["wall_s"] for r in runs),
+                           "backfill_cpu_s": statistics.median(r["cpu_s"] for r in runs), "collections": {}}
     row["first_scene_s"] = statistics.median(r["masks_s"] + r["scenes"][0]["seconds"] for r in runs if r["scenes"])
     for coll in (S2, S1):
         st = [s for r in runs for s in steady(r["scenes"], coll)]
         files = _scene_files(str(archive), aoi.id, coll)
         entry: dict[str, Any] = {
             "railwatch_s": statistics.median(s["seconds"] for s in st),
+            "railwatch_cpu_s": statistics.median(s["cpu_seconds"] for s in st),
             "railwatch_read_s": statistics.median(s["read_seconds"] for s in st),
             "railwatch_reads_per_scene": statistics.mean(s["reads"] for s in st),
             "steady_scenes": len(st), "n_reference": st[0]["n_reference"] if st else 0,
@@ -432,7 +462,7 @@ def _ms(x: float | None) -> str:
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
     """The per-scene table: medians in ms, ratios, linearity, peak RSS."""
-    head = (f"{'km²':>5} {'grid Mpx':>8} {'track px':>8} {'sensor':>6} {'masks ms':>8} | {'railwatch':>9} {'(read)':>6} {'files':>5} "
+    head = (f"{'km²':>5} {'grid Mpx':>8} {'track px':>8} {'sensor':>6} {'masks ms':>8} | {'railwatch':>9} {'cpu':>5} {'(read)':>6} {'files':>5} "
             f"{'floor':>6} {'rstats':>6} {'exactx':>6} | {'rw/floor':>8} {'rw/rstats':>9} {'rw/exactx':>9} | "
             f"{'rw s/M track px':>15} {'rw s/M grid px':>14} | {'rw peak MiB':>11}")
     lines = [head, "-" * len(head)]
@@ -443,7 +473,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
             size = f"{r['km2']:g}" + ("" if r.get("spacing_m", TRACK_SPACING_M) == TRACK_SPACING_M else "*")
             lines.append(
                 f"{size:>5} {r['grid_px'] / 1e6:>8.2f} {r['track_px']:>8d} {short:>6} {1000 * r['masks_s']:>8.0f} | "
-                f"{_ms(rw):>9} {_ms(e['railwatch_read_s']):>6} {e['railwatch_reads_per_scene']:>5.1f} {_ms(e.get('floor_s')):>6} {_ms(e.get('rasterstats_s')):>6} "
+                f"{_ms(rw):>9} {_ms(e.get('railwatch_cpu_s')):>5} {_ms(e['railwatch_read_s']):>6} {e['railwatch_reads_per_scene']:>5.1f} {_ms(e.get('floor_s')):>6} {_ms(e.get('rasterstats_s')):>6} "
                 f"{_ms(e.get('exactextract_s')):>6} | {_ratio(rw, e.get('floor_s')):>8} {_ratio(rw, e.get('rasterstats_s')):>9} "
                 f"{_ratio(rw, e.get('exactextract_s')):>9} | {rw / max(r['track_px'], 1) * 1e6:>15.2f} "
                 f"{rw / r['grid_px'] * 1e6:>14.3f} | {r['railwatch_peak_rss'] / 2**20:>11.0f}")
@@ -466,6 +496,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="reference methods to run (default: floor rasterstats exactextract)")
     ap.add_argument("--inline", action="store_true",
                     help="measure in this process (no child processes: fast, but peak RSS is this process's)")
+    ap.add_argument("--read-ahead", type=int, metavar="N",
+                    help="[imagery] read_ahead of railwatch's backfill: scenes read in a background thread "
+                         "while one is analysed (default: the configuration's default, 1; 0: off)")
     ap.add_argument("--workdir", type=Path, help="where the archives are written (default: a temporary folder)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = ap.parse_args(argv)
@@ -479,6 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
                "processor": _cpu_name()}
     log(f"kernel benchmark: sizes {', '.join(f'{s:g}' for s in sizes)} km², {args.scenes} scenes per sensor, "
+        f"read-ahead {'default' if args.read_ahead is None else args.read_ahead}, "
         f"{machine['cpus']} CPU(s) {machine['processor']}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="railwatch-kernel-") as tmp:
@@ -490,13 +524,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         for km2, spacing in cases:
             t = time.perf_counter()
             rows.append(bench_size(km2, work, n_scenes=args.scenes, repeat=args.repeat, rw_repeat=args.rw_repeat,
-                                   inline=args.inline, methods=args.methods, log=log, spacing_m=spacing))
+                                   inline=args.inline, methods=args.methods, log=log, spacing_m=spacing,
+                                   read_ahead=args.read_ahead))
             log(f"  {km2:g} km² (a line every {spacing:g} m) done in {time.perf_counter() - t:.0f} s")
     print("\nPer-scene medians (ms) in steady state (full reference); masks = AoiContext.build, once per AOI.")
     print("floor = rasterio read of the same bands + one numpy pass over the precomputed track pixels.")
     print("* = the same AOI with four times the track (a rail line every 250 m instead of every 1000 m).")
-    print("(read) = railwatch's time in read_scene; files = scene files read per scene (1 + cache misses).")
+    print("(read) = railwatch's time in read_scene for the scene; files = scene files read per scene (1 + cache misses).")
+    ahead = rows[0]["read_ahead"] if rows else 0
+    print(f"railwatch = wall time per scene, cpu = its CPU time (all threads). Read-ahead {ahead}: "
+          + ("the next scene is read in the background while one is analysed: wall below cpu is that overlap."
+             if ahead else "off: each scene is read, then analysed."))
     print(table(rows))
+    print("Whole backfills (every scene, the first ones included; median of runs): "
+          + "; ".join(f"{r['km2']:g}{'' if r['spacing_m'] == TRACK_SPACING_M else '*'} km²: "
+                      f"{r['backfill_scenes']} scenes in {r['backfill_wall_s']:.2f} s wall, "
+                      f"{r['backfill_cpu_s']:.2f} s CPU" for r in rows))
     for line in linearity(rows):
         print(line)
     print(f"Machine: {machine['cpus']} CPU(s), {machine['processor']}, Python {machine['python']}.")

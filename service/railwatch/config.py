@@ -132,6 +132,10 @@ class ImagerySettings(_Section):
     provider: Literal["files", "sentinelhub", "stac"] = "files"
     sensors: list[str] = Field(default_factory=lambda: list(COLLECTIONS))
     lookback_days: int = Field(30, ge=1, le=3650)
+    read_ahead: int = Field(
+        1, ge=0, le=4,
+        description="new scenes read (fetched and prepared) in a background thread while the current one is "
+                    "analysed, in a backfill or a poll with several new scenes; 0: off")
     files: FilesSettings = Field(default_factory=FilesSettings)
     sentinelhub: SentinelHubSettings = Field(default_factory=SentinelHubSettings)
     stac: StacSettings = Field(default_factory=StacSettings)

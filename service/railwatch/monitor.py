@@ -2,6 +2,8 @@
 
 Knows only the provider protocol, the store and the pure detector/baseline; the CLI and the
 daemon call :meth:`Monitor.poll` (new scenes in the look-back window) or :meth:`Monitor.backfill`.
+A pass over several new scenes reads the next one in a background thread while it analyses the
+current one (:class:`ReadAhead`, ``[imagery] read_ahead``); what it records does not change.
 """
 
 from __future__ import annotations
@@ -9,9 +11,10 @@ from __future__ import annotations
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
@@ -41,6 +44,9 @@ from railwatch.errors import (
 from railwatch.imagery.base import ImageryProvider
 from railwatch.store import AlertEventRow, AlertRow, Store
 
+if TYPE_CHECKING:
+    from types import TracebackType
+
 log = logging.getLogger(__name__)
 
 #: Earliest date a backfill searches from by default (Sentinel-1A's first data).
@@ -58,6 +64,81 @@ SCENE_CACHE_BYTES = 512 * 2**20
 SCENE_CACHE_SCENES = 24
 
 _CacheKey = tuple[str, str, datetime]
+
+
+def _cache_key(aoi_id: str, ref: SceneRef) -> _CacheKey:
+    return (aoi_id, ref.collection, utc(ref.acquired))
+
+
+def read_prepared(provider: ImageryProvider, ctx: AoiContext, ref: SceneRef, cfg: DetectorSettings) -> Prepared:
+    """One scene fetched and prepared: what a scene-cache miss costs, and all a read-ahead thread runs
+    (no monitor state: the AOI context, the reference and the settings are only read)."""
+    return prepare(ctx, ref, provider.fetch(ctx.aoi, ref), cfg)
+
+
+class ReadAhead:
+    """Reads the next new scenes of a pass in one background thread while the current one is analysed.
+
+    The thread runs :func:`read_prepared` for up to ``depth`` scenes after the one the main thread is
+    on; the main thread keeps everything that touches the monitor (the scene cache and its byte
+    count, the references, the store) and takes each scene read ahead where :meth:`Monitor._load`
+    would have read it, so results are those of a pass without read-ahead. Scene i+1 is started once
+    scene i and its references are loaded (:meth:`loaded`): with ``depth`` 1 the provider sees the
+    same calls in the same order, one at a time, and an error of scene i+1 (unreadable, quota spent,
+    outage) is raised when the main thread takes it. A scene already cached, or read ahead, is not
+    read ahead again. Closing cancels the reads not started and waits for the one running (at most
+    one fetch); its result is dropped. ``depth`` 0, or a single scene, starts no thread. Memory: up
+    to ``depth`` prepared scenes beyond the cache's budget, and the raw bands of the one being read.
+    """
+
+    def __init__(self, monitor: Monitor, ctx: AoiContext, refs: Sequence[SceneRef], cfg: DetectorSettings,
+                 depth: int) -> None:
+        self._monitor = monitor
+        self._ctx = ctx
+        self._refs = refs
+        self._cfg = cfg
+        self._depth = depth
+        self._cursor = 0  # the scene the main thread is on
+        self._started = 1  # scenes from here on have not been considered for reading ahead
+        self._pending: dict[int, Future[Prepared]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def take(self, ref: SceneRef) -> Future[Prepared] | None:
+        """The read of ``ref``, the scene the main thread is on, if it was read ahead."""
+        if _cache_key(self._ctx.aoi.id, self._refs[self._cursor]) != _cache_key(self._ctx.aoi.id, ref):
+            raise RuntimeError(f"read-ahead out of step: on {self._refs[self._cursor].scene_id}, asked for {ref.scene_id}")
+        return self._pending.pop(self._cursor, None)
+
+    def loaded(self) -> None:
+        """The current scene and its references are loaded (or the scene failed): start reading the
+        next ones and move on to the next scene."""
+        stop = min(self._cursor + 1 + self._depth, len(self._refs))
+        ahead = {_cache_key(self._ctx.aoi.id, self._refs[j]) for j in self._pending}
+        for j in range(max(self._started, self._cursor + 1), stop):
+            ref = self._refs[j]
+            key = _cache_key(self._ctx.aoi.id, ref)
+            if key in self._monitor._prepared or key in ahead:
+                continue  # _load finds it in the cache: reading it now would be a second fetch
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="railwatch-read-ahead")
+            self._pending[j] = self._pool.submit(read_prepared, self._monitor.provider, self._ctx, ref, self._cfg)
+            ahead.add(key)
+        self._started = max(self._started, stop)
+        self._cursor += 1
+
+    def close(self) -> None:
+        """Cancel the reads not started, wait for the one running, drop their results."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._pending.clear()
 
 
 def prepared_nbytes(p: Prepared) -> int:
@@ -255,27 +336,32 @@ class Monitor:
         result.new = len(new)
         if not new:
             return
+        new = [replace(ref, acquired=utc(ref.acquired)) for ref in new]
         ctx = self._context(aoi)
         history = self.store.observations(aoi.id)
         sources = self.store.scene_sources(aoi.id)
         calibration = self.store.calibrations(aoi.id)
-        for i, ref in enumerate(new):
-            ref = replace(ref, acquired=utc(ref.acquired))
-            obs = self._observe(ctx, ref, history, sources, cfg, calibration)
-            with self.store.session() as s:
-                self.store.record_scene(s, ref)
-                obs, events = self._decide_and_record(s, aoi, obs, history, cfg, suppressed)
-            history.append(obs)
-            sources[(ref.collection, ref.acquired)] = ref.source
-            result.statuses[obs.status] += 1
-            result.events.extend(events)
-            log.info(
-                "scene %s %s: %s%s", aoi.id, ref.scene_id, obs.status,
-                f", {obs.estimated_cars:.1f} cars" if obs.estimated_cars is not None else "",
-                extra={"aoi": aoi.id, "scene": ref.scene_id},
-            )
-            if progress:
-                progress(i + 1, len(new))
+        with self._read_ahead(ctx, new, cfg) as ahead:
+            for i, ref in enumerate(new):
+                obs = self._observe(ctx, ref, history, sources, cfg, calibration, ahead)
+                with self.store.session() as s:
+                    self.store.record_scene(s, ref)
+                    obs, events = self._decide_and_record(s, aoi, obs, history, cfg, suppressed)
+                history.append(obs)
+                sources[(ref.collection, ref.acquired)] = ref.source
+                result.statuses[obs.status] += 1
+                result.events.extend(events)
+                log.info(
+                    "scene %s %s: %s%s", aoi.id, ref.scene_id, obs.status,
+                    f", {obs.estimated_cars:.1f} cars" if obs.estimated_cars is not None else "",
+                    extra={"aoi": aoi.id, "scene": ref.scene_id},
+                )
+                if progress:
+                    progress(i + 1, len(new))
+
+    def _read_ahead(self, ctx: AoiContext, refs: Sequence[SceneRef], cfg: DetectorSettings) -> ReadAhead:
+        """The read-ahead of a pass over ``refs`` (``[imagery] read_ahead`` scenes; none for one scene)."""
+        return ReadAhead(self, ctx, refs, cfg, self.settings.imagery.read_ahead if len(refs) > 1 else 0)
 
     def _context(self, aoi: Aoi) -> AoiContext:
         ctx = self._contexts.get(aoi.id)
@@ -284,15 +370,18 @@ class Monitor:
             self._contexts[aoi.id] = ctx
         return ctx
 
-    def _load(self, ctx: AoiContext, ref: SceneRef, cfg: DetectorSettings) -> Prepared:
-        key = (ctx.aoi.id, ref.collection, utc(ref.acquired))
+    def _load(self, ctx: AoiContext, ref: SceneRef, cfg: DetectorSettings,
+              pending: Future[Prepared] | None = None) -> Prepared:
+        """A prepared scene from the cache, else read (or taken from ``pending``, its read-ahead: a
+        scene cached when it would have been read ahead is not read ahead) and cached."""
+        key = _cache_key(ctx.aoi.id, ref)
         self._uses += 1
         hit = self._prepared.get(key)
         if hit is not None:
             self._prepared.move_to_end(key)
             self._group_used[(key[0], key[1], hit.geometry_key)] = self._uses
             return hit
-        prepared = prepare(ctx, ref, self.provider.fetch(ctx.aoi, ref), cfg)
+        prepared = pending.result() if pending is not None else read_prepared(self.provider, ctx, ref, cfg)
         self._prepared[key] = prepared
         self._prepared_bytes += prepared_nbytes(prepared)
         group = (key[0], key[1], prepared.geometry_key)
@@ -312,6 +401,24 @@ class Monitor:
             if len(self._prepared) <= limit and self._prepared_bytes <= self.cache_bytes:
                 break
             self._prepared_bytes -= prepared_nbytes(self._prepared.pop(victim))
+
+    def _load_scene(
+        self, ctx: AoiContext, ref: SceneRef, history: Sequence[Observation],
+        sources: dict[tuple[str, datetime], str], cfg: DetectorSettings, pending: Future[Prepared] | None,
+    ) -> Observation | tuple[Prepared, list[Prepared]]:
+        """The scene and its references, or the observation of a scene that could not be read
+        (``unreadable``, ``failed``); an outage, a spent quota or refused credentials are raised."""
+        from railwatch.detect import DETECTOR_VERSION
+
+        try:
+            scene = self._load(ctx, ref, cfg, pending)
+        except (ProviderUnavailable, QuotaExceeded, CredentialsError):
+            raise
+        except ProviderError as exc:
+            return Observation(aoi_id=ctx.aoi.id, collection=ref.collection, acquired=ref.acquired,
+                               geometry_key=geometry_key(ref), reason=str(exc), detector_version=DETECTOR_VERSION,
+                               status="unreadable" if isinstance(exc, SceneUnreadable) else "failed")
+        return scene, self._references(ctx, ref, scene.geometry_key, history, sources, cfg)
 
     def _references(
         self, ctx: AoiContext, ref: SceneRef, gkey: str, history: Sequence[Observation],
@@ -335,20 +442,14 @@ class Monitor:
     def _observe(
         self, ctx: AoiContext, ref: SceneRef, history: Sequence[Observation],
         sources: dict[tuple[str, datetime], str], cfg: DetectorSettings, calibration: dict[str, Any],
+        ahead: ReadAhead | None = None,
     ) -> Observation:
-        base: dict[str, Any] = {"aoi_id": ctx.aoi.id, "collection": ref.collection, "acquired": ref.acquired,
-                                "geometry_key": geometry_key(ref)}
-        from railwatch.detect import DETECTOR_VERSION
-
-        try:
-            scene = self._load(ctx, ref, cfg)
-        except SceneUnreadable as exc:
-            return Observation(status="unreadable", reason=str(exc), detector_version=DETECTOR_VERSION, **base)
-        except (ProviderUnavailable, QuotaExceeded, CredentialsError):
-            raise
-        except ProviderError as exc:
-            return Observation(status="failed", reason=str(exc), detector_version=DETECTOR_VERSION, **base)
-        refs = self._references(ctx, ref, scene.geometry_key, history, sources, cfg)
+        loaded = self._load_scene(ctx, ref, history, sources, cfg, ahead.take(ref) if ahead is not None else None)
+        if ahead is not None:
+            ahead.loaded()  # the next scene is read while this one is analysed
+        if isinstance(loaded, Observation):
+            return loaded
+        scene, refs = loaded
         from railwatch.detect.calibrate import geometry_key_of
 
         # A radar geometry calibrated on its own (its level brought to the sensor's) wins over the sensor's.
@@ -488,21 +589,23 @@ class Monitor:
         fresh: list[Observation] = []
         self._prepared.clear()  # the detector or the AOI changed: nothing cached is trusted
         self._prepared_bytes = 0
-        for i, o in enumerate(todo):
-            ref = scenes.get((o.collection, o.acquired)) or SceneRef(aoi.id, o.collection, o.acquired)
-            try:
-                new = self._observe(ctx, replace(ref, acquired=utc(ref.acquired)), history, sources, cfg, calibration)
-            except (ProviderUnavailable, QuotaExceeded) as exc:
-                result.error = f"reprocessing stopped at {o.acquired.isoformat()}: {exc}"
-                log.warning("AOI %s: %s", aoi.id, result.error, extra={"aoi": aoi.id})
-                break
-            keep = {k: o.metrics[k] for k in ("analyst_cars",) if k in o.metrics}
-            new = replayer.step(replace(new, metrics=dict(new.metrics) | keep))
-            history.append(new)
-            fresh.append(new)
-            result.statuses[new.status] += 1
-            if progress:
-                progress(i + 1, len(todo))
+        refs = [scenes.get((o.collection, o.acquired)) or SceneRef(aoi.id, o.collection, o.acquired) for o in todo]
+        refs = [replace(ref, acquired=utc(ref.acquired)) for ref in refs]
+        with self._read_ahead(ctx, refs, cfg) as ahead:
+            for i, (o, ref) in enumerate(zip(todo, refs, strict=True)):
+                try:
+                    new = self._observe(ctx, ref, history, sources, cfg, calibration, ahead)
+                except (ProviderUnavailable, QuotaExceeded) as exc:
+                    result.error = f"reprocessing stopped at {o.acquired.isoformat()}: {exc}"
+                    log.warning("AOI %s: %s", aoi.id, result.error, extra={"aoi": aoi.id})
+                    break
+                keep = {k: o.metrics[k] for k in ("analyst_cars",) if k in o.metrics}
+                new = replayer.step(replace(new, metrics=dict(new.metrics) | keep))
+                history.append(new)
+                fresh.append(new)
+                result.statuses[new.status] += 1
+                if progress:
+                    progress(i + 1, len(todo))
         result.new = len(fresh)
         with self.store.session() as s:
             self.store.save_observations(s, fresh)

@@ -253,6 +253,28 @@ def test_no_crs_is_rejected(tmp_path: Path) -> None:
         read_scene(path, S1)
 
 
+def test_reads_in_several_threads_leave_the_warning_filters_as_they_were(tmp_path: Path) -> None:
+    """The readers silence GDAL's warnings with ``catch_warnings``, which swaps the process-wide filter
+    list: one thread at a time, or two of them interleaved can leave ``ignore`` in place for good."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    good = write_scene(tmp_path, "a", S1, T0, s1_raster())
+    bad = write_raw(tmp_path / "s.tif", {"VV": np.ones((4, 4), np.float32), "VH": np.ones((4, 4), np.float32)},
+                    crs=None)  # warns (not georeferenced) on open
+    before = list(warnings.filters)
+
+    def read(i: int) -> str:
+        try:
+            return read_scene(good if i % 2 else bad, S1).bands["VV"].dtype.name
+        except SceneUnreadable:
+            return "unreadable"
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(read, range(200)))
+    assert results.count("float32") == results.count("unreadable") == 100
+    assert warnings.filters == before
+
+
 def test_decibel_sigma0_is_rejected(tmp_path: Path) -> None:
     path = write_raw(tmp_path / "s.tif", {"VV": np.full((4, 4), -12.0, np.float32),
                                           "VH": np.full((4, 4), -19.0, np.float32)})

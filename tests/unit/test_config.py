@@ -114,3 +114,18 @@ def test_aoi_detector_overrides(tmp_path: Path) -> None:
     assert d.alert_sigma == 6 and d.min_history == s.detector.min_history
     with pytest.raises(ConfigError, match="nonsense"):
         effective_detector(s, {"nonsense": 1})
+
+
+def test_read_ahead_defaults_to_one_scene_and_is_bounded(tmp_path: Path) -> None:
+    assert load_settings(environ={}, cwd=tmp_path).imagery.read_ahead == 1
+    p = write(tmp_path, "[imagery]\nread_ahead = 0\n")
+    assert load_settings(p, environ={}, cwd=tmp_path).imagery.read_ahead == 0
+    assert load_settings(p, environ={"RAILWATCH_IMAGERY__READ_AHEAD": "3"}, cwd=tmp_path).imagery.read_ahead == 3
+    for bad, expected in (("5", "less than or equal to 4 (got 5)"), ("-1", "greater than or equal to 0 (got -1)"),
+                          ("'two'", "valid integer")):
+        with pytest.raises(ConfigError) as err:
+            load_settings(write(tmp_path, f"[imagery]\nread_ahead = {bad}\n"), environ={}, cwd=tmp_path)
+        assert f"{tmp_path / 'railwatch.toml'}: [imagery] read_ahead: " in str(err.value)
+        assert expected in str(err.value)
+    with pytest.raises(ConfigError, match=r"\[imagery\] read_ahead: Input should be less than or equal to 4"):
+        load_settings(p, environ={"RAILWATCH_IMAGERY__READ_AHEAD": "8"}, cwd=tmp_path)

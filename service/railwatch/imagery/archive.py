@@ -15,8 +15,9 @@ import contextlib
 import logging
 import os
 import re
+import threading
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,19 @@ IGNORED_NAMES = frozenset({"truth.csv", "surges.csv"})
 _SIDECAR_SUFFIXES = (".aux.xml", ".ovr", ".msk")
 
 _TIME_RE = re.compile(r"^\d{8}T\d{6}Z$")
+
+_warnings_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def quiet_warnings() -> Iterator[None]:
+    """Warnings ignored inside (GDAL warns when it opens a file without georeferencing; the readers
+    report a reason instead), one thread at a time: ``warnings.catch_warnings`` swaps the process-wide
+    filter list, and two threads inside it at once can leave one's filters in place for good (the
+    read-ahead thread and the AOI threads of the local executor read scenes beside each other)."""
+    with _warnings_lock, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def scene_filename(collection: str, acquired: datetime) -> str:
@@ -140,10 +154,8 @@ def _header_tags(path: Path) -> dict[str, str]:
     from rasterio.errors import RasterioError
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with rasterio.open(path) as ds:
-                return dict(ds.tags())
+        with quiet_warnings(), rasterio.open(path) as ds:
+            return dict(ds.tags())
     except (RasterioError, OSError) as exc:
         # The scene is still listed: fetching it reports the precise reason.
         log.debug("cannot read tags of %s: %s", path, exc, extra={"path": str(path)})
@@ -199,10 +211,9 @@ def read_scene(path: Path | str, collection: str) -> Raster:
         raise ValueError(f"unknown collection {collection!r}; expected one of {', '.join(REQUIRED_BANDS)}")
     required = REQUIRED_BANDS[collection]
     try:
-        with warnings.catch_warnings():
-            # A file without georeferencing warns on open; we report it as a reason instead.
-            warnings.simplefilter("ignore")
-            with rasterio.open(path) as ds:
+        with contextlib.ExitStack() as stack:
+            with quiet_warnings():  # a file without georeferencing warns on open; we report it as a reason instead
+                ds = stack.enter_context(rasterio.open(path))
                 if ds.driver != "GTiff":
                     raise _fail(path, f"not a GeoTIFF / corrupt: GDAL opened it as {ds.driver}")
                 descriptions = [d or "" for d in ds.descriptions]
@@ -224,10 +235,8 @@ def read_scene(path: Path | str, collection: str) -> Raster:
                     raise _fail(path, "no CRS")
                 if ds.transform.is_identity:
                     raise _fail(path, "no georeferencing (identity transform)")
-                nodata = ds.nodata
-                data = ds.read([index[b] for b in required])
-                crs, transform = ds.crs, ds.transform
-                tags = dict(ds.tags())
+                nodata, crs, transform, tags = ds.nodata, ds.crs, ds.transform, dict(ds.tags())
+            data = ds.read([index[b] for b in required])  # the pixels: outside the lock, GDAL without the GIL
     except SceneUnreadable:
         raise
     except (RasterioError, OSError) as exc:

@@ -14,7 +14,8 @@ class FilesProvider:
     """Scenes from ``<root>/<aoi-id>/<collection>_<YYYYMMDDTHHMMSSZ>.tif``.
 
     ``problems`` holds the misnamed files (path, reason) found by the last ``search``, so the
-    caller can report them; they are never returned as scenes.
+    caller can report them; they are never returned as scenes. ``fetch`` keeps no state, so it may
+    run in several threads at once (a pass's read-ahead thread, the executor's AOI threads).
     """
 
     name = "files"

@@ -23,7 +23,6 @@ import re
 import tarfile
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -44,7 +43,7 @@ from railwatch.errors import (
     SceneUnreadable,
 )
 from railwatch.geo import Grid, aoi_grid
-from railwatch.imagery.archive import cached_fetch, orbit_tags
+from railwatch.imagery.archive import cached_fetch, orbit_tags, quiet_warnings
 
 if TYPE_CHECKING:
     from sentinelhub import DataCollection, SHConfig
@@ -380,6 +379,11 @@ class SentinelHubProvider:
     ``usage`` lists (aoi_id, collection, month, requests, processing_units); ``spent_this_month``
     is the processing units spent in the current UTC month (the caller may seed it from its store)
     and is checked against ``monthly_pu_budget`` before every Process API request.
+
+    Calls may come from several threads at once (the executor's AOI threads, a pass's read-ahead
+    thread): the usage, the spent units, the budget reservations and the OAuth session are held
+    under one lock, each request under the concurrency cap, and a request reserves its estimate
+    before it is sent, so concurrent requests cannot overrun the budget together.
     """
 
     name = "sentinelhub"
@@ -780,24 +784,22 @@ def _read_tiff(blob: bytes, what: str, grid: Grid, count: int) -> tuple[npt.NDAr
     from rasterio.io import MemoryFile
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with MemoryFile(blob) as mem, mem.open() as ds:
-                if ds.driver != "GTiff":
-                    raise SceneUnreadable(f"{what}: not a GeoTIFF (GDAL read it as {ds.driver})")
-                if ds.count < count:
-                    raise SceneUnreadable(f"{what}: {ds.count} band(s), expected {count}")
-                if ds.crs is None or ds.crs != RioCRS.from_user_input(grid.crs):
-                    raise SceneUnreadable(f"{what}: CRS {ds.crs} differs from the requested {grid.crs}")
-                if (ds.height, ds.width) != grid.shape:
-                    raise SceneUnreadable(f"{what}: size {ds.width}x{ds.height} differs from the requested "
-                                          f"{grid.width}x{grid.height}")
-                t, g = ds.transform, grid.transform
-                half = abs(g.a) / 2.0
-                if abs(t.a - g.a) > 1e-6 or abs(t.e - g.e) > 1e-6 or abs(t.c - g.c) > half or abs(t.f - g.f) > half:
-                    raise SceneUnreadable(f"{what}: transform {tuple(t)[:6]} differs from the requested grid")
-                data = ds.read(list(range(1, count + 1)))
-                return data, ds.crs, ds.transform
+        with quiet_warnings(), MemoryFile(blob) as mem, mem.open() as ds:
+            if ds.driver != "GTiff":
+                raise SceneUnreadable(f"{what}: not a GeoTIFF (GDAL read it as {ds.driver})")
+            if ds.count < count:
+                raise SceneUnreadable(f"{what}: {ds.count} band(s), expected {count}")
+            if ds.crs is None or ds.crs != RioCRS.from_user_input(grid.crs):
+                raise SceneUnreadable(f"{what}: CRS {ds.crs} differs from the requested {grid.crs}")
+            if (ds.height, ds.width) != grid.shape:
+                raise SceneUnreadable(f"{what}: size {ds.width}x{ds.height} differs from the requested "
+                                      f"{grid.width}x{grid.height}")
+            t, g = ds.transform, grid.transform
+            half = abs(g.a) / 2.0
+            if abs(t.a - g.a) > 1e-6 or abs(t.e - g.e) > 1e-6 or abs(t.c - g.c) > half or abs(t.f - g.f) > half:
+                raise SceneUnreadable(f"{what}: transform {tuple(t)[:6]} differs from the requested grid")
+            data = ds.read(list(range(1, count + 1)))
+            return data, ds.crs, ds.transform
     except SceneUnreadable:
         raise
     except (RasterioError, OSError, ValueError) as exc:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -60,7 +61,11 @@ def needs_offset_removal(properties: Mapping[str, Any]) -> bool:
 
 
 class StacProvider:
-    """Scenes from a STAC API with COG assets, cached in the local archive."""
+    """Scenes from a STAC API with COG assets, cached in the local archive.
+
+    ``fetch`` may run in several threads at once (a pass's read-ahead thread, the executor's AOI
+    threads): the client is opened once under a lock, and rasterio keeps GDAL's settings per thread.
+    """
 
     name = "stac"
 
@@ -89,6 +94,7 @@ class StacProvider:
         self.timeout_seconds = timeout_seconds
         self.method = method
         self._client: Any = None
+        self._client_lock = threading.Lock()
         self._warned: set[str] = set()
 
     @classmethod
@@ -183,20 +189,21 @@ class StacProvider:
     # ------------------------------------------------------------------------------------ search
 
     def _open(self) -> Any:
-        if self._client is None:
-            from pystac_client import Client
-            from pystac_client.stac_api_io import StacApiIO
-            from urllib3.util.retry import Retry
+        with self._client_lock:  # one client, even when fetches run in two threads (read-ahead)
+            if self._client is None:
+                from pystac_client import Client
+                from pystac_client.stac_api_io import StacApiIO
+                from urllib3.util.retry import Retry
 
-            retry = Retry(
-                total=self.max_attempts - 1, backoff_factor=self.backoff_seconds, backoff_max=max(self.backoff_seconds * 8, 1),
-                backoff_jitter=self.backoff_seconds / 2, status_forcelist=(429, 500, 502, 503, 504),
-                allowed_methods=None, respect_retry_after_header=True, raise_on_status=False,
-            )
-            io = StacApiIO(timeout=self.timeout_seconds, max_retries=retry)
-            with self._errors(f"STAC API {self.url}"):
-                self._client = Client.open(self.url, stac_io=io)
-        return self._client
+                retry = Retry(
+                    total=self.max_attempts - 1, backoff_factor=self.backoff_seconds, backoff_max=max(self.backoff_seconds * 8, 1),
+                    backoff_jitter=self.backoff_seconds / 2, status_forcelist=(429, 500, 502, 503, 504),
+                    allowed_methods=None, respect_retry_after_header=True, raise_on_status=False,
+                )
+                io = StacApiIO(timeout=self.timeout_seconds, max_retries=retry)
+                with self._errors(f"STAC API {self.url}"):
+                    self._client = Client.open(self.url, stac_io=io)
+            return self._client
 
     def search(
         self, aoi: Aoi, since: datetime, until: datetime, collections: Sequence[str] = COLLECTIONS
