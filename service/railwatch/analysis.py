@@ -49,8 +49,9 @@ CORE_COVERAGE = 0.9
 MIN_CORE_SHARE = 0.3
 #: The reference is built for the track grown by this many pixels (what the change test reads) ...
 ZONE_MARGIN = 3
-#: ... and for this many stable pixels, evenly spread (the radiometric fit's candidates).
-ZONE_STABLE_SAMPLE = 20000
+#: ... and for this many stable pixels, evenly spread (the radiometric fit's candidates, see
+#: ``detect.change.FIT_SAMPLE``).
+ZONE_STABLE_SAMPLE = 5000
 #: The radar reference is computed on the track and on this many of the zone's stable pixels, evenly
 #: spread: the radar test reads only the track; the stable pixels give the surroundings' ratio, a diagnostic.
 RADAR_STABLE_SAMPLE = 5000

@@ -1,7 +1,8 @@
 """The change test's fast kernels give the very numbers of the plain numpy they replace.
 
 The accuracy benchmark's three-count calibration turns any change in the raw estimates into
-random accuracy deltas, so speed-ups of the detector must be exact, not merely close.
+random accuracy deltas, so speed-ups of the detector are exact, not merely close — except the
+window mean's sparse path, which sums in another order (float32 rounding; detector 2.4.0).
 """
 
 from __future__ import annotations
@@ -116,6 +117,25 @@ def test_nan_median_is_numpy_nanmedian(layers: int) -> None:
     assert got.shape == stack.shape[1:] and got.dtype == np.float32
     assert np.array_equal(got[2:], want.astype(np.float32), equal_nan=True)
     assert np.all(np.isnan(got[0, :5]))
+
+
+@pytest.mark.parametrize("share", [0.05, 0.2, 0.6])
+@pytest.mark.parametrize("columns", [0, 2])
+def test_window_mean_is_the_masked_mean_of_the_window(share: float, columns: int) -> None:
+    """Sparse (few usable pixels) or by whole columns, the mean of the usable pixels of each window."""
+    from railwatch.detect.change import _window_mean
+
+    rng = np.random.default_rng(int(share * 100) + columns)
+    n_zone, n_tested, width = 500, 120, 25
+    values = rng.normal(size=(n_zone, columns) if columns else n_zone).astype(np.float32)
+    usable = rng.random(n_zone) < share
+    taps = rng.integers(-1, n_zone, (n_tested, width)).astype(np.int32)  # -1: off the zone
+    mean, count = _window_mean(values, usable, taps)
+    for i in range(n_tested):
+        picked = [t for t in taps[i] if t >= 0 and usable[t]]
+        assert count[i] == len(picked)
+        want = values[picked].astype(np.float64).mean(axis=0) if picked else np.zeros(values.shape[1:])
+        assert np.allclose(mean[i], want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("cloud", [False, True])
