@@ -175,3 +175,26 @@ def test_quality_on_the_zone_is_the_grid_quality_there(cloud: bool, scl: bool) -
     rzone = radar_quality(radar, track, nodata_fraction=0.5, partial_fraction=0.01, zone=zone)
     assert (rzone.status, rzone.fractions) == (rwhole.status, rwhole.fractions)
     assert np.array_equal(rzone.clear, zone.gather(rwhole.clear))
+
+
+@pytest.mark.parametrize("shift", [(0.0, 0.0), (0.25, -0.75), (-1.0, 0.5), (0.75, 0.25)])
+def test_registration_finds_a_known_sub_pixel_shift(shift: tuple[float, float]) -> None:
+    """The search lands on the exact shift of a smooth scene read bilinearly at that offset."""
+    from scipy import ndimage
+
+    from railwatch.detect.change import _register
+
+    rng = np.random.default_rng(7)
+    ref = np.stack([ndimage.gaussian_filter(rng.normal(size=(40, 40)), 2.5) for _ in range(4)], axis=-1)
+    ref = ref.astype(np.float32)
+    rows, cols = np.mgrid[3:37, 3:37].reshape(2, -1)
+
+    def read(iy: int, ix: int) -> tuple[np.ndarray, np.ndarray]:
+        return ref[rows + iy, cols + ix], np.ones(rows.size, bool)
+
+    dy, dx = shift
+    y0, x0 = int(np.floor(dy)), int(np.floor(dx))
+    fy, fx = dy - y0, dx - x0
+    cur = ((1 - fy) * (1 - fx) * read(y0, x0)[0] + (1 - fy) * fx * read(y0, x0 + 1)[0]
+           + fy * (1 - fx) * read(y0 + 1, x0)[0] + fy * fx * read(y0 + 1, x0 + 1)[0]).astype(np.float32)
+    assert _register(cur, read, np.ones(4, np.float32)) == shift
