@@ -49,9 +49,11 @@ CORE_COVERAGE = 0.9
 MIN_CORE_SHARE = 0.3
 #: The reference is built for the track grown by this many pixels (what the change test reads) ...
 ZONE_MARGIN = 3
-#: ... and for this many stable pixels, evenly spread (the radiometric fit's candidates, see
-#: ``detect.change.FIT_SAMPLE``).
-ZONE_STABLE_SAMPLE = 5000
+#: ... and for this many stable pixels, evenly spread: the radiometric fit's candidates, of which
+#: those not vegetated in either date are fitted (at most ``detect.change.FIT_SAMPLE`` of them). In
+#: summer only a fifth may qualify, so the pool stays large (5 000 left a small AOI's September fits
+#: on about a thousand pixels and moved its gains by 1 %).
+ZONE_STABLE_SAMPLE = 20000
 #: The radar reference is computed on the track and on this many of the zone's stable pixels, evenly
 #: spread: the radar test reads only the track; the stable pixels give the surroundings' ratio, a diagnostic.
 RADAR_STABLE_SAMPLE = 5000
