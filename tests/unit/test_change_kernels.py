@@ -198,3 +198,32 @@ def test_registration_finds_a_known_sub_pixel_shift(shift: tuple[float, float]) 
     cur = ((1 - fy) * (1 - fx) * read(y0, x0)[0] + (1 - fy) * fx * read(y0, x0 + 1)[0]
            + fy * (1 - fx) * read(y0 + 1, x0)[0] + fy * fx * read(y0 + 1, x0 + 1)[0]).astype(np.float32)
     assert _register(cur, read, np.ones(4, np.float32)) == shift
+
+
+def test_mean_and_median_references_are_numpy_nan_statistics_without_warnings() -> None:
+    """The evidence pictures' references: np.nanmean / np.nanmedian of the usable pixels, NaN where
+    none is usable, and no warning (silencing one is not thread-safe)."""
+    import warnings
+
+    from railwatch.detect.change import mean_reference, median_reference
+
+    rng = np.random.default_rng(3)
+    scenes = [{"VV": rng.gamma(4.4, 0.01, (20, 30)).astype(np.float32)} for _ in range(5)]
+    valid = [rng.random((20, 30)) < 0.7 for _ in scenes]
+    for s, v in zip(scenes, valid, strict=True):
+        s["VV"][~v] = 0.0  # nodata
+    for v in valid:
+        v[0, :4] = False  # no usable scene there
+    for s in scenes:
+        s["VV"][0, :4] = 0.0
+    stack = np.stack([np.where(v, s["VV"], np.nan) for s, v in zip(scenes, valid, strict=True)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        want_mean, want_median = np.nanmean(stack, axis=0), np.nanmedian(stack, axis=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mean = mean_reference(scenes, ["VV"])["VV"]
+        median = median_reference(scenes, ["VV"], valid)["VV"]
+    assert np.allclose(mean, want_mean, rtol=1e-6, equal_nan=True)
+    assert np.array_equal(median, want_median.astype(np.float32), equal_nan=True)
+    assert np.all(np.isnan(mean[0, :4])) and np.all(np.isnan(median[0, :4]))

@@ -29,7 +29,6 @@ Radar (Sentinel-1 GRD, linear sigma0)
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -582,25 +581,28 @@ def wet_snow_drop_db(current: dict[str, F32], references: Sequence[dict[str, F32
 
 
 def mean_reference(stack: Sequence[dict[str, F32]], bands: Sequence[str]) -> dict[str, F32]:
-    """Per-pixel mean (linear power) of radar scenes, ignoring nodata (kept for callers and tests)."""
+    """Per-pixel mean (linear power) of radar scenes, ignoring nodata (kept for callers and tests).
+
+    NaN where no scene has data; computed without ``np.nanmean`` so that nothing warns (silencing a
+    warning swaps the process-wide filters, which is not safe beside other threads).
+    """
     out: dict[str, F32] = {}
     for b in bands:
-        arr = np.stack([np.where(np.isfinite(s[b]) & (s[b] > 0), s[b], np.nan) for s in stack]).astype(np.float32)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            out[b] = np.nanmean(arr, axis=0).astype(np.float32)
+        arr = np.stack([np.asarray(s[b], np.float32) for s in stack])
+        ok = np.isfinite(arr) & (arr > 0)
+        total = np.where(ok, arr, 0).sum(axis=0, dtype=np.float64)
+        n = ok.sum(axis=0)
+        mean = np.full(total.shape, np.nan)
+        np.divide(total, n, out=mean, where=n > 0)
+        out[b] = mean.astype(np.float32)
     return out
 
 
 def median_reference(stack: Sequence[dict[str, F32]], bands: Sequence[str], valid: Sequence[B]) -> dict[str, F32]:
-    """Per-pixel median of reference scenes, ignoring each scene's unusable pixels (no normalisation)."""
-    out: dict[str, F32] = {}
-    for b in bands:
-        arr = np.stack([np.where(v, s[b], np.nan) for s, v in zip(stack, valid, strict=True)]).astype(np.float32)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            out[b] = np.nanmedian(arr, axis=0).astype(np.float32)
-    return out
+    """Per-pixel median of reference scenes, ignoring each scene's unusable pixels (no normalisation);
+    NaN where none is usable (:func:`nan_median`: nothing warns)."""
+    return {b: nan_median(np.stack([np.where(v, s[b], np.nan) for s, v in zip(stack, valid, strict=True)])
+                          .astype(np.float32)) for b in bands}
 
 
 def radar_change(
