@@ -31,6 +31,7 @@ def test_kernel_benchmark_runs_on_a_tiny_aoi(kernel: Any, tmp_path: Path, capsys
                         "--workdir", str(tmp_path), "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "rw/floor" in printed and "S2" in printed and "S1" in printed and "Read-ahead 1:" in printed
+    assert "A pair of scenes (one per sensor), wall: 0.25 km²:" in printed and "x the floor's" in printed
     rows = json.loads(out.read_text(encoding="utf-8"))["rows"]
     (row,) = rows
     assert row["read_ahead"] == 1  # the configuration's default
