@@ -784,22 +784,26 @@ def _read_tiff(blob: bytes, what: str, grid: Grid, count: int) -> tuple[npt.NDAr
     from rasterio.io import MemoryFile
 
     try:
-        with quiet_warnings(), MemoryFile(blob) as mem, mem.open() as ds:
-            if ds.driver != "GTiff":
-                raise SceneUnreadable(f"{what}: not a GeoTIFF (GDAL read it as {ds.driver})")
-            if ds.count < count:
-                raise SceneUnreadable(f"{what}: {ds.count} band(s), expected {count}")
-            if ds.crs is None or ds.crs != RioCRS.from_user_input(grid.crs):
-                raise SceneUnreadable(f"{what}: CRS {ds.crs} differs from the requested {grid.crs}")
-            if (ds.height, ds.width) != grid.shape:
-                raise SceneUnreadable(f"{what}: size {ds.width}x{ds.height} differs from the requested "
-                                      f"{grid.width}x{grid.height}")
-            t, g = ds.transform, grid.transform
-            half = abs(g.a) / 2.0
-            if abs(t.a - g.a) > 1e-6 or abs(t.e - g.e) > 1e-6 or abs(t.c - g.c) > half or abs(t.f - g.f) > half:
-                raise SceneUnreadable(f"{what}: transform {tuple(t)[:6]} differs from the requested grid")
-            data = ds.read(list(range(1, count + 1)))
-            return data, ds.crs, ds.transform
+        with contextlib.ExitStack() as stack:
+            with quiet_warnings():  # opening and checking only: the lock is process-wide
+                ds = stack.enter_context(stack.enter_context(MemoryFile(blob)).open())
+                if ds.driver != "GTiff":
+                    raise SceneUnreadable(f"{what}: not a GeoTIFF (GDAL read it as {ds.driver})")
+                if ds.count < count:
+                    raise SceneUnreadable(f"{what}: {ds.count} band(s), expected {count}")
+                if ds.crs is None or ds.crs != RioCRS.from_user_input(grid.crs):
+                    raise SceneUnreadable(f"{what}: CRS {ds.crs} differs from the requested {grid.crs}")
+                if (ds.height, ds.width) != grid.shape:
+                    raise SceneUnreadable(f"{what}: size {ds.width}x{ds.height} differs from the requested "
+                                          f"{grid.width}x{grid.height}")
+                t, g = ds.transform, grid.transform
+                half = abs(g.a) / 2.0
+                if abs(t.a - g.a) > 1e-6 or abs(t.e - g.e) > 1e-6 or abs(t.c - g.c) > half or abs(t.f - g.f) > half:
+                    raise SceneUnreadable(f"{what}: transform {tuple(t)[:6]} differs from the requested grid")
+                crs, transform = ds.crs, ds.transform
+            # The pixels outside the lock, as in archive.read_scene: the executor's AOI threads and a
+            # pass's read-ahead decompress their answers side by side.
+            return ds.read(list(range(1, count + 1))), crs, transform
     except SceneUnreadable:
         raise
     except (RasterioError, OSError, ValueError) as exc:
