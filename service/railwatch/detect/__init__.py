@@ -20,7 +20,8 @@ from __future__ import annotations
 #: references' radiometric gains are fitted on the zone's pseudo-invariant pixels (was: the whole
 #: grid's), so estimates move by the gains' noise; the radar reference is computed on the track only.
 #: 2.4.0: radiometric fits on at most 5 000 pseudo-invariant pixels (was 20 000), the optical
-#: registration search and noise covariance on at most 2 000 track pixels, the surroundings' window
-#: mean summed over its stable pixels only, for speed (bench/kernel.py); estimates move by the fits'
-#: noise.
+#: registration search and noise covariance on at most 2 000 track pixels, window means summed over
+#: their usable pixels only when fewer than 40 % are usable (the optical surroundings and the radar
+#: window), the wet-snow level on at most 5 000 stable pixels, for speed (bench/kernel.py); estimates
+#: move by the fits' noise and float rounding.
 DETECTOR_VERSION = "2.4.0"
