@@ -110,6 +110,16 @@ class AoiContext:
         return np.asarray(self.zone.gather(mask), bool)
 
     @cached_property
+    def optical_reads(self) -> B:
+        """The zone pixels the optical test reads around its tested pixels (the 7 x 7 windows of the
+        Sentinel-2 detection mask), as a pixel vector over the zone: where the reference is computed."""
+        mask, _metres = self.detection_mask(S2)
+        windows = self.zone.windows(np.flatnonzero(self.on_zone(mask)))
+        reads = np.zeros(self.zone.flat.size, bool)
+        reads[windows[windows >= 0]] = True
+        return reads
+
+    @cached_property
     def stable_sample(self) -> B:
         """``RADAR_STABLE_SAMPLE`` of the zone's stable pixels, evenly spread, as a pixel vector over the zone."""
         stable = self.on_zone(self.stable)
@@ -322,8 +332,11 @@ def _zone_change(ctx: AoiContext, scene: Prepared, refs: Sequence[Prepared]) -> 
     track = on_mask & q.clear
     stable = ctx.on_zone(ctx.stable) & q.clear
     if scene.ref.collection == S2:
-        reference = optical_reference(scene.bands, [r.bands for r in refs], [r.quality.clear for r in refs], stable)
-        ref_ok = np.all(np.stack([np.isfinite(v) for v in reference.values()]), axis=0)
+        reference = optical_reference(scene.bands, [r.bands for r in refs], [r.quality.clear for r in refs], stable,
+                                      where=ctx.optical_reads)
+        # Where some reference scene is clear (the NDVI bands cover every stable pixel; the others only
+        # those the test reads).
+        ref_ok = np.all(np.stack([np.isfinite(reference[b]) for b in _covering(reference)]), axis=0)
         change = optical_change(scene.bands, reference, track & ref_ok, stable & ref_ok, zone=ctx.zone,
                                 neighbours=on_mask)
         return change, reference
@@ -332,10 +345,16 @@ def _zone_change(ctx: AoiContext, scene: Prepared, refs: Sequence[Prepared]) -> 
     return radar_change(scene.bands, reference, len(refs), track, stable, zone=ctx.zone), reference
 
 
+def _covering(reference: dict[str, F32]) -> list[str]:
+    """The bands of an optical reference computed at every pixel it covers (:func:`optical_reference`)."""
+    return [b for b in ("B04", "B08") if b in reference] or list(reference)[:1]
+
+
 def scene_change(ctx: AoiContext, scene: Prepared, refs: Sequence[Prepared]) -> tuple[Change, dict[str, F32]]:
     """The change of a usable scene against its reference scenes, exactly as :func:`analyse` measures
     it, and the reference itself (in the scene's radiometry for optical, track-normalised for radar),
-    on the whole grid: the reference is NaN off ``ctx.zone``.
+    on the whole grid: the reference is NaN where the test does not read it (off ``ctx.zone``; for
+    optical, also off the tested pixels' windows and the stable pixels, see :func:`optical_reference`).
 
     Public so that evidence (quicklooks, change maps) shows the very pixels the estimate counted.
     """

@@ -227,3 +227,49 @@ def test_mean_and_median_references_are_numpy_nan_statistics_without_warnings() 
     assert np.allclose(mean, want_mean, rtol=1e-6, equal_nan=True)
     assert np.array_equal(median, want_median.astype(np.float32), equal_nan=True)
     assert np.all(np.isnan(mean[0, :4])) and np.all(np.isnan(median[0, :4]))
+
+
+def test_optical_reference_where_the_test_reads_gives_the_same_change() -> None:
+    """The reference computed only where the optical test reads it (``where``: the tested pixels'
+    windows; the stable pixels in the NDVI bands) gives the very change of the whole reference."""
+    from railwatch.detect.change import optical_change, optical_reference
+    from railwatch.detect.zone import Zone
+
+    rng = np.random.default_rng(11)
+    shape = (60, 80)
+    track = np.zeros(shape, bool)
+    track[28:31, 5:75] = True
+    stable = np.ones(shape, bool)
+    stable[24:35, :] = False
+    vegetated = rng.random(shape) < 0.5
+
+    def scene(gain: float) -> dict[str, np.ndarray]:
+        nir = np.where(vegetated, 0.35, 0.18) + rng.normal(0, 0.01, shape)
+        out = {b: (gain * (0.08 + 0.02 * i + rng.normal(0, 0.005, shape))).astype(np.float32)
+               for i, b in enumerate(("B02", "B03", "B04"))}
+        out["B08"] = (gain * nir).astype(np.float32)
+        return out
+
+    refs = [scene(g) for g in (0.9, 1.0, 1.1, 0.95)]
+    clear = [rng.random(shape) < 0.9 for _ in refs]
+    current = scene(1.05)
+    current["B04"][29, 20:30] += 0.06  # a consist
+    zone = Zone.whole(track)
+    vec = {b: v.reshape(-1) for b, v in current.items()}
+    flat_refs = [{b: v.reshape(-1) for b, v in r.items()} for r in refs]
+    windows = zone.windows(np.flatnonzero(track))
+    reads = np.zeros(track.size, bool)
+    reads[windows[windows >= 0]] = True
+    st = stable.reshape(-1)
+    whole = optical_reference(vec, flat_refs, [c.reshape(-1) for c in clear], st)
+    part = optical_reference(vec, flat_refs, [c.reshape(-1) for c in clear], st, where=reads)
+    for b in whole:
+        computed = np.isfinite(part[b])
+        assert computed[reads].all() and np.array_equal(part[b][computed], whole[b][computed])
+    assert np.isfinite(part["B04"][st]).all() and not np.isfinite(part["B02"][st]).all()
+    ok_whole = np.isfinite(whole["B04"]) & np.isfinite(whole["B08"])
+    ok_part = np.isfinite(part["B04"]) & np.isfinite(part["B08"])
+    a = optical_change(vec, whole, track.reshape(-1) & ok_whole, st & ok_whole, zone=zone, neighbours=track.reshape(-1))
+    b = optical_change(vec, part, track.reshape(-1) & ok_part, st & ok_part, zone=zone, neighbours=track.reshape(-1))
+    assert a.n_occupied > 0
+    assert a.metrics == b.metrics and np.array_equal(a.magnitude, b.magnitude) and np.array_equal(a.occupied, b.occupied)

@@ -290,35 +290,99 @@ def pseudo_invariant(current: dict[str, F32], reference: dict[str, F32], stable:
     """
     if "B08" in current and "B04" in current and "B08" in reference and "B04" in reference:
         idx = np.flatnonzero(stable)
-
-        def ndvi(bands: dict[str, F32]) -> F32:
-            return _ndvi({b: _at(bands[b], idx) for b in ("B08", "B04")})
-
-        keep = idx[(ndvi(current) < PIF_MAX_NDVI) & (ndvi(reference) < PIF_MAX_NDVI)]
-        if keep.size >= minimum:
-            pif = np.zeros(stable.shape, bool)
-            pif.reshape(-1)[keep] = True
-            return pif
+        return _invariant(stable, idx, _ndvi_at(current, idx), _ndvi_at(reference, idx), minimum)
     return stable
+
+
+def _ndvi_at(bands: dict[str, F32], idx: npt.NDArray[np.intp]) -> F32:
+    """The NDVI at the flat indices ``idx`` (the same numbers as :func:`_ndvi` there)."""
+    return _ndvi({b: _at(bands[b], idx) for b in ("B08", "B04")})
+
+
+def _invariant(stable: B, idx: npt.NDArray[np.intp], ndvi_current: F32, ndvi_reference: F32, minimum: int) -> B:
+    """:func:`pseudo_invariant` given both dates' NDVI at ``idx`` = ``np.flatnonzero(stable)``."""
+    keep = idx[(ndvi_current < PIF_MAX_NDVI) & (ndvi_reference < PIF_MAX_NDVI)]
+    if keep.size < minimum:
+        return stable
+    pif = np.zeros(stable.shape, bool)
+    pif.reshape(-1)[keep] = True
+    return pif
+
+
+def _fit_candidates(reference: dict[str, F32], stable: B) -> B:
+    """The stable pixels a scene's fit to its reference may stand on: those the reference covers (its
+    NDVI bands are finite there: the bands are finite together, where some reference scene is clear)."""
+    bands = [b for b in ("B04", "B08") if b in reference] or list(reference)[:1]
+    ok = stable.copy()
+    for b in bands:
+        ok &= np.isfinite(reference[b])
+    return ok
 
 
 def optical_reference(
     current: dict[str, F32], scenes: Sequence[dict[str, F32]], clear: Sequence[B], stable: B,
+    *, where: B | None = None,
 ) -> dict[str, F32]:
     """Median of the reference scenes, each first brought to the current scene's radiometry.
 
     Pixel by pixel, so the arrays may be whole grids or pixel vectors over a zone: the pipeline passes
     its change zone (the track, its surroundings and a sample of stable pixels), all the change test
     reads; the gains are then fitted on that sample's pseudo-invariant pixels.
+
+    ``where`` (optional) limits the pixels the reference is computed at (NaN elsewhere) to those the
+    change test reads: ``where`` itself (the windows of the tested pixels), and the stable pixels that
+    :func:`optical_change` chooses its fit from — every one of them in the NDVI bands, which choose
+    the pseudo-invariant pixels, the fit's sample in the other bands. At those pixels the values are
+    exactly those of the whole computation, and so is the change measured.
     """
     bands = [b for b in OPTICAL_BANDS if b in current and all(b in s for s in scenes)]
-    stack: dict[str, list[npt.NDArray[np.float32]]] = {b: [] for b in bands}
+    has_ndvi = "B04" in bands and "B08" in bands
+    idx = np.flatnonzero(stable)
+    ndvi_now = _ndvi_at(current, idx) if has_ndvi else None
+    fits: list[dict[str, tuple[float, float]]] = []
     for scene, ok in zip(scenes, clear, strict=True):
-        fit = spread_sample(pseudo_invariant(current, scene, stable & ok))
-        for b in bands:
-            g, o = robust_fit(_at(scene[b], fit), _at(current[b], fit))
-            stack[b].append(np.where(ok, g * scene[b] + o, np.nan).astype(np.float32))
-    return {b: nan_median(np.stack(stack[b])) for b in bands}
+        usable = stable & ok
+        if ndvi_now is not None:
+            inside = _at(ok, idx)
+            sel = idx[inside]
+            pif = _invariant(usable, sel, ndvi_now[inside], _ndvi_at(scene, sel), 200)
+        else:
+            pif = usable
+        fit = spread_sample(pif)
+        fits.append({b: robust_fit(_at(scene[b], fit), _at(current[b], fit)) for b in bands})
+
+    def median_at(b: str, pixels: npt.NDArray[np.intp] | None) -> F32:
+        """The median of the normalised scenes in band ``b`` (at ``pixels`` only, NaN elsewhere)."""
+        layers = []
+        for scene, ok, fit in zip(scenes, clear, fits, strict=True):
+            g, o = fit[b]
+            if pixels is None:
+                layers.append(np.where(ok, g * scene[b] + o, np.nan).astype(np.float32))
+            else:
+                layers.append(np.where(_at(ok, pixels), g * _at(scene[b], pixels) + o, np.nan).astype(np.float32))
+        median = nan_median(np.stack(layers))
+        if pixels is None:
+            return median
+        out = np.full(stable.shape, np.nan, np.float32)
+        out.reshape(-1)[pixels] = median
+        return out
+
+    if where is None:
+        return {b: median_at(b, None) for b in bands}
+    # The NDVI bands wherever optical_change may choose its fit; then the fit it will choose.
+    first = [b for b in bands if b in ("B04", "B08")] if has_ndvi else bands[:1]
+    around = np.flatnonzero(where | stable)
+    reference = {b: median_at(b, around) for b in first}
+    fit = np.zeros(stable.shape, bool)
+    fit.reshape(-1)[fit_sample(current, reference, stable)] = True
+    rest = np.flatnonzero(where | fit)
+    return {b: reference[b] if b in reference else median_at(b, rest) for b in bands}
+
+
+def fit_sample(current: dict[str, F32], reference: dict[str, F32], stable: B) -> npt.NDArray[np.intp]:
+    """The pixels a scene's gains against its reference are fitted on (flat indices): an even sample of
+    the pseudo-invariant pixels among the stable ones the reference covers."""
+    return spread_sample(pseudo_invariant(current, reference, _fit_candidates(reference, stable)))
 
 
 def _robust_covariance(x: npt.NDArray[np.float64], floor: float) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
@@ -427,7 +491,7 @@ def optical_change(
     if not bands:
         raise ValueError("no optical bands in common between the scene and its reference")
     metrics: dict[str, float] = {}
-    fit = spread_sample(pseudo_invariant(current, reference, stable & np.isfinite(reference[bands[0]])))
+    fit = fit_sample(current, reference, stable)
     pred: dict[str, F32] = {}
     for b in bands:
         g, o = robust_fit(reference[b][fit], current[b][fit])
