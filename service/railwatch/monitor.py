@@ -588,6 +588,7 @@ class Monitor:
         history: list[Observation] = [replayer.step(o) for o in old if o.acquired < start]
         fresh: list[Observation] = []
         self._prepared.clear()  # the detector or the AOI changed: nothing cached is trusted
+        self._group_used.clear()
         self._prepared_bytes = 0
         refs = [scenes.get((o.collection, o.acquired)) or SceneRef(aoi.id, o.collection, o.acquired) for o in todo]
         refs = [replace(ref, acquired=utc(ref.acquired)) for ref in refs]
