@@ -6,6 +6,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -398,3 +399,110 @@ def test_thin_cirrus_and_dense_haze_flagged_by_scl_make_a_haze_scene() -> None:
     q = optical_quality(bands | {"SCL": scl}, track, nodata_fraction=0.5, snow_fraction=0.3, cloudy_fraction=0.5,
                         partial_fraction=0.05)
     assert q.status == "cloudy"
+
+
+def _radar_pair(seed: int, shape: tuple[int, int], n_ref: int = 6, looks: float = 4.4) -> tuple[np.ndarray, np.ndarray]:
+    """VV + VH of a speckled scene and of the mean of ``n_ref`` reference scenes (flat ground, sigma0 0.05)."""
+    rng = np.random.default_rng(seed)
+    cur = rng.gamma(looks, 0.05 / looks, shape).astype(np.float32)
+    ref = rng.gamma(looks * n_ref, 0.05 / (looks * n_ref), shape).astype(np.float32)
+    return cur, ref
+
+
+def _region_test_masks() -> np.ndarray:
+    """Single tracks (2 pixels wide, straight and diagonal) and a yard of parallel tracks (a 6-pixel band)."""
+    track = np.zeros((120, 300), bool)
+    track[10:12, 5:295] = True
+    track[30, 5:295] = True
+    yy, xx = np.mgrid[0:120, 0:300]
+    track |= (np.abs(yy - 40 - (xx - 5) * 0.5) <= 0.6) & (xx < 150)
+    track[90:96, 20:280] = True
+    return track
+
+
+def test_radar_region_test_holds_its_false_regions_on_pure_speckle() -> None:
+    """Under the speckle the test assumes (m pixels carry m / 2 looks of ENL 4.4: per-pixel Gamma of shape
+    2.2), about RADAR_REGION_FALSE_REGIONS false regions per 1 000 track pixels per scene and the false
+    pixels RADAR_REGION_FALSE_PIXELS documents; white speckle of ENL 4.4 (more looks per pixel) gives fewer."""
+    from railwatch.detect.change import (
+        RADAR_REGION_FALSE_PIXELS,
+        RADAR_REGION_FALSE_REGIONS,
+        S1_ENL,
+        S1_SPECKLE_CORRELATION,
+        radar_region_threshold,
+        radar_regions,
+    )
+
+    track = _region_test_masks()
+    flat = track.reshape(-1)
+    win = Zone.whole(track).windows(np.flatnonzero(flat))
+    reps, n_ref = 60, 6
+    for looks, low, high in ((S1_ENL / S1_SPECKLE_CORRELATION, 0.5, 1.7), (S1_ENL, 0.0, 0.4)):
+        regions = pixels = 0.0
+        for seed in range(reps):
+            cur, ref = _radar_pair(seed, track.shape, n_ref, looks)
+            found = radar_regions(cur.reshape(-1), ref.reshape(-1), n_ref, flat, win)
+            passed = found.z > radar_region_threshold(found.size, n_ref)
+            regions += np.count_nonzero(passed)
+            pixels += found.size[passed].sum()
+        per_1000 = regions / reps / flat.sum() * 1000
+        assert low * RADAR_REGION_FALSE_REGIONS <= per_1000 <= high * RADAR_REGION_FALSE_REGIONS
+        if looks < S1_ENL:
+            assert pixels / reps / flat.sum() == pytest.approx(RADAR_REGION_FALSE_PIXELS[n_ref], rel=0.5)
+    cur, ref = _radar_pair(0, track.shape)
+    ch = radar_change({"VV": cur, "VH": cur}, {"VV": ref, "VH": ref}, n_ref, track, ~track, regions=True)
+    assert ch.expected_false == 0.0 and ch.n_occupied <= 0.1 * ch.n_track
+
+
+def test_radar_regions_are_8_connected_and_judged_whole() -> None:
+    """Two bright pixels that touch only diagonally form one region (8-connected)."""
+    from railwatch.detect.change import radar_regions
+
+    track = np.zeros((20, 200), bool)
+    track[9:11, 5:195] = True
+    flat = track.reshape(-1)
+    win = Zone.whole(track).windows(np.flatnonzero(flat))
+    cur = np.ones(track.shape, np.float32)
+    ref = np.ones(track.shape, np.float32)
+    cur[9, 20] = cur[10, 21] = 3.0  # diagonal neighbours
+    found = radar_regions(cur.reshape(-1), ref.reshape(-1), 6, flat, win)
+    assert found.size.size == 1 and np.count_nonzero(found.candidate) >= 2
+
+
+def test_radar_region_count_of_a_consist_does_not_grow_with_its_brightness() -> None:
+    """A consist of 20 pixels on a 2-pixel track (40 pixels), blurred by the 20 m resolution, on Gamma
+    speckle: over ten draws the region test counts it within a few pixels of its length whether it is 3
+    or 100 times the ballast (the 5 x 5 window test's count grows by about 10 pixels over that range)."""
+    from scipy import ndimage
+
+    shape = (40, 120)
+    track = np.zeros(shape, bool)
+    track[19:21, 5:115] = True
+    medians = []
+    for contrast in (3.0, 10.0, 100.0):
+        counts = []
+        for seed in range(10):
+            rng = np.random.default_rng(seed)
+            ref = np.mean([rng.gamma(4.4, 0.05 / 4.4, shape) for _ in range(6)], axis=0).astype(np.float32)
+            power = np.full(shape, 0.05, np.float32)
+            power[19:21, 40:60] *= contrast
+            power = ndimage.gaussian_filter(power, 0.8)
+            cur = (power * rng.gamma(4.4, 1 / 4.4, shape)).astype(np.float32)
+            ch = radar_change({"VV": cur, "VH": cur}, {"VV": ref, "VH": ref}, 6, track, ~track, regions=True)
+            counts.append(ch.n_occupied - ch.expected_false)
+        medians.append(float(np.median(counts)))
+    assert all(36 <= m <= 54 for m in medians), medians
+    assert medians[-1] - medians[0] <= 8, medians
+
+
+def test_radar_region_test_is_off_by_default_and_finds_no_change_in_identical_scenes() -> None:
+    from railwatch.detect.change import RADAR_REGION_TEST
+
+    rng = np.random.default_rng(3)
+    scene = {b: rng.gamma(4.4, 0.05 / 4.4, (60, 80)).astype(np.float32) for b in ("VV", "VH")}
+    track, stable = _masks()
+    assert RADAR_REGION_TEST is False
+    assert radar_change(scene, scene, 4, track, stable).metrics.keys() == \
+        radar_change(scene, scene, 4, track, stable, regions=False).metrics.keys()
+    ch = radar_change(scene, scene, 4, track, stable, regions=True)
+    assert ch.n_occupied == 0 and ch.activity == 0.0
