@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The Monte Carlo behind the radar region test's thresholds (docs/detector.md §4, detector 2.5.0).
+"""The Monte Carlo behind the radar region test's thresholds (docs/detector.md §9; built, not enabled).
 
 Pure speckle on generic track masks (single tracks 12 m wide at several angles, and yards of parallel
 tracks), with per-pixel Gamma speckle of shape ENL / speckle correlation (4.4 / 2: a sum of m pixels then
@@ -100,8 +100,9 @@ def check(n_ref: int, reps: int) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=400)
-    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--reps", type=int, default=400, help="simulated speckle scenes per mask and reference size (default 400)")
+    ap.add_argument("--check", action="store_true",
+                    help="measure the false regions and pixels the shipped tables let through, instead of deriving tables")
     ap.add_argument("--false-regions", type=float, default=RADAR_REGION_FALSE_REGIONS,
                     help="false regions per 1000 track pixels per scene (default: the shipped setting)")
     args = ap.parse_args(argv)
