@@ -347,7 +347,7 @@ def _zone_change(ctx: AoiContext, scene: Prepared, refs: Sequence[Prepared]) -> 
 
 def _covering(reference: dict[str, F32]) -> list[str]:
     """The bands of an optical reference computed at every pixel it covers (:func:`optical_reference`)."""
-    return [b for b in ("B04", "B08") if b in reference] or list(reference)[:1]
+    return ["B04", "B08"] if "B04" in reference and "B08" in reference else list(reference)[:1]
 
 
 def scene_change(ctx: AoiContext, scene: Prepared, refs: Sequence[Prepared]) -> tuple[Change, dict[str, F32]]:

@@ -350,7 +350,7 @@ def _invariant(stable: B, idx: npt.NDArray[np.intp], ndvi_current: F32, ndvi_ref
 def _fit_candidates(reference: dict[str, F32], stable: B) -> B:
     """The stable pixels a scene's fit to its reference may stand on: those the reference covers (its
     NDVI bands are finite there: the bands are finite together, where some reference scene is clear)."""
-    bands = [b for b in ("B04", "B08") if b in reference] or list(reference)[:1]
+    bands = ["B04", "B08"] if "B04" in reference and "B08" in reference else list(reference)[:1]
     ok = stable.copy()
     for b in bands:
         ok &= np.isfinite(reference[b])
