@@ -41,3 +41,18 @@ def test_observation_is_idempotent(store_url: str) -> None:
     assert got[0].acquired == t and got[0].estimated_cars == 12.0 and got[0].metrics == {"x": 1}
     assert store.observed_keys("a") == {(S2, t)}
     store.close()
+
+
+def test_usage_added_from_many_threads_at_once_loses_nothing(store_url: str) -> None:
+    """The executor's AOI threads add to the same month's row at once: every increment counts, and
+    the first insert of a new row never collides (it did on PostgreSQL with a read then a write)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from railwatch.store import Store
+
+    store = Store(store_url)
+    rows = [("race", "sentinel-2-l2a", "2026-12", 1, 0.5)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: store.add_usage(rows), range(64)))
+    (row,) = store.usage(aoi_id="race")
+    assert row.requests == 64 and row.processing_units == 32.0

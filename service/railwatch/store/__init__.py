@@ -317,19 +317,28 @@ class Store:
 
     # --- provider usage (requests, processing units) ------------------------------------------
     def add_usage(self, rows: Sequence[tuple[str, str, str, int, float]]) -> None:
-        """Add (aoi_id, collection, month, requests, processing_units) to the monthly totals."""
+        """Add (aoi_id, collection, month, requests, processing_units) to the monthly totals.
+
+        One atomic upsert per row (``INSERT ... ON CONFLICT DO UPDATE`` adding to the stored totals):
+        the executor's AOI threads and processes add to the same month's row at once, and a read then
+        a write would lose increments or, on PostgreSQL, fail on the second insert of a new row.
+        """
         if not rows:
             return
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
         with self.session() as s:
             for aoi_id, collection, month, requests, pu in rows:
-                row = s.get(ProviderUsageRow, (aoi_id, collection, month))
-                if row is None:
-                    row = ProviderUsageRow(aoi_id=aoi_id, collection=collection, month=month, requests=0,
-                                           processing_units=0.0)
-                    s.add(row)
-                row.requests = (row.requests or 0) + int(requests)
-                row.processing_units = (row.processing_units or 0.0) + float(pu)
-                row.updated_at = datetime.now(UTC)
+                now = datetime.now(UTC)
+                stmt = insert(ProviderUsageRow).values(aoi_id=aoi_id, collection=collection, month=month,
+                                            requests=int(requests), processing_units=float(pu), updated_at=now)
+                s.execute(stmt.on_conflict_do_update(
+                    index_elements=["aoi_id", "collection", "month"],
+                    set_={"requests": ProviderUsageRow.requests + stmt.excluded.requests,
+                          "processing_units": ProviderUsageRow.processing_units + stmt.excluded.processing_units,
+                          "updated_at": stmt.excluded.updated_at},
+                ))
 
     def usage(self, *, aoi_id: str | None = None, month: str | None = None) -> list[ProviderUsageRow]:
         q = select(ProviderUsageRow).order_by(ProviderUsageRow.month, ProviderUsageRow.aoi_id)
