@@ -24,6 +24,7 @@ from railwatch.config import DetectorSettings
 from railwatch.detect import DETECTOR_VERSION
 from railwatch.detect.change import (
     Change,
+    covering_bands,
     optical_change,
     optical_reference,
     radar_change,
@@ -336,18 +337,13 @@ def _zone_change(ctx: AoiContext, scene: Prepared, refs: Sequence[Prepared]) -> 
                                       where=ctx.optical_reads)
         # Where some reference scene is clear (the NDVI bands cover every stable pixel; the others only
         # those the test reads).
-        ref_ok = np.all(np.stack([np.isfinite(reference[b]) for b in _covering(reference)]), axis=0)
+        ref_ok = np.all(np.stack([np.isfinite(reference[b]) for b in covering_bands(list(reference))]), axis=0)
         change = optical_change(scene.bands, reference, track & ref_ok, stable & ref_ok, zone=ctx.zone,
                                 neighbours=on_mask)
         return change, reference
     # The radar test reads the reference on the track only (and RADAR_STABLE_SAMPLE stable pixels).
     reference = radar_reference([r.bands for r in refs], track, where=on_mask | ctx.stable_sample)
     return radar_change(scene.bands, reference, len(refs), track, stable, zone=ctx.zone), reference
-
-
-def _covering(reference: dict[str, F32]) -> list[str]:
-    """The bands of an optical reference computed at every pixel it covers (:func:`optical_reference`)."""
-    return ["B04", "B08"] if "B04" in reference and "B08" in reference else list(reference)[:1]
 
 
 def scene_change(ctx: AoiContext, scene: Prepared, refs: Sequence[Prepared]) -> tuple[Change, dict[str, F32]]:

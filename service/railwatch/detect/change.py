@@ -121,6 +121,8 @@ TRACK_SAMPLE = 2000
 FIT_SAMPLE = 5000
 #: Optical: pixels whose NDVI exceeds this in either date are not used to normalise (vegetation).
 PIF_MAX_NDVI = 0.3
+#: Optical: with fewer pseudo-invariant pixels than this, a fit stands on every stable pixel.
+PIF_MINIMUM = 200
 #: Optical: orthogonal fits of a radiometric normalisation, each on the pixels the previous one left
 #: within 2.5 robust sigma (:func:`robust_fit`).
 FIT_PASSES = 4
@@ -321,7 +323,7 @@ def _ndvi(bands: dict[str, F32]) -> F32:
     return out
 
 
-def pseudo_invariant(current: dict[str, F32], reference: dict[str, F32], stable: B, minimum: int = 200) -> B:
+def pseudo_invariant(current: dict[str, F32], reference: dict[str, F32], stable: B, minimum: int = PIF_MINIMUM) -> B:
     """Stable pixels that are not vegetated in either date (or all stable pixels when too few are).
 
     The NDVI is computed at the stable pixels only (the same numbers as on the whole array there).
@@ -347,12 +349,17 @@ def _invariant(stable: B, idx: npt.NDArray[np.intp], ndvi_current: F32, ndvi_ref
     return pif
 
 
+def covering_bands(bands: Sequence[str]) -> list[str]:
+    """The bands of an optical reference that :func:`optical_reference` computes at every pixel it
+    covers, even with ``where``: the NDVI pair when both are there (they choose the pseudo-invariant
+    pixels), else the first band. Where they are finite, some reference scene is clear."""
+    return ["B04", "B08"] if "B04" in bands and "B08" in bands else list(bands)[:1]
+
+
 def _fit_candidates(reference: dict[str, F32], stable: B) -> B:
-    """The stable pixels a scene's fit to its reference may stand on: those the reference covers (its
-    NDVI bands are finite there: the bands are finite together, where some reference scene is clear)."""
-    bands = ["B04", "B08"] if "B04" in reference and "B08" in reference else list(reference)[:1]
+    """The stable pixels a scene's fit to its reference may stand on: those the reference covers."""
     ok = stable.copy()
-    for b in bands:
+    for b in covering_bands(list(reference)):
         ok &= np.isfinite(reference[b])
     return ok
 
@@ -374,7 +381,7 @@ def optical_reference(
     exactly those of the whole computation, and so is the change measured.
     """
     bands = [b for b in OPTICAL_BANDS if b in current and all(b in s for s in scenes)]
-    has_ndvi = "B04" in bands and "B08" in bands
+    has_ndvi = covering_bands(bands) == ["B04", "B08"]
     idx = np.flatnonzero(stable)
     ndvi_now = _ndvi_at(current, idx) if has_ndvi else None
     fits: list[dict[str, tuple[float, float]]] = []
@@ -383,7 +390,7 @@ def optical_reference(
         if ndvi_now is not None:
             inside = _at(ok, idx)
             sel = idx[inside]
-            pif = _invariant(usable, sel, ndvi_now[inside], _ndvi_at(scene, sel), 200)
+            pif = _invariant(usable, sel, ndvi_now[inside], _ndvi_at(scene, sel), PIF_MINIMUM)
         else:
             pif = usable
         fit = spread_sample(pif)
@@ -408,7 +415,7 @@ def optical_reference(
     if where is None:
         return {b: median_at(b, None) for b in bands}
     # The NDVI bands wherever optical_change may choose its fit; then the fit it will choose.
-    first = [b for b in bands if b in ("B04", "B08")] if has_ndvi else bands[:1]
+    first = covering_bands(bands)
     around = np.flatnonzero(where | stable)
     reference = {b: median_at(b, around) for b in first}
     fit = np.zeros(stable.shape, bool)
@@ -784,7 +791,7 @@ def radar_change(
     *, zone: Zone | None = None, false_alarm: float = FALSE_ALARM, window: int = RADAR_WINDOW,
     gain_quantile: float | None = None, regions: bool = RADAR_REGION_TEST,
 ) -> Change:
-    """Ratio of backscatter (VV+VH, linear) to the same-geometry reference: a test of whole occupied regions.
+    """Ratio of backscatter (VV+VH, linear) to the same-geometry reference: a CFAR test along the track.
 
     Metal rolling stock brightens the track. Under speckle, the ratio of the mean of k pixels of
     the scene to the mean of the same pixels of an n-scene reference follows an F distribution
@@ -797,9 +804,9 @@ def radar_change(
     ``regions=True`` (measured, not enabled: :data:`RADAR_REGION_TEST`) counts instead with
     :func:`radar_regions`: lenient 3 x 3 candidates, their 8-connected regions, each accepted whole when
     the z-score of its summed ratio passes :data:`RADAR_REGION_Z` for its size; every candidate of an
-    accepted region is occupied, and no false alarms are expected (:data:`RADAR_REGION_FALSE_PIXELS`). ``stable`` is only used for a diagnostic. The arrays are pixel vectors over
-    ``zone``, whose windows cover ``track``; without a zone they are whole grids, and so is the change
-    returned.
+    accepted region is occupied, and no false alarms are expected (:data:`RADAR_REGION_FALSE_PIXELS`).
+    ``stable`` is only used for a diagnostic. The arrays are pixel vectors over ``zone``, whose windows
+    cover ``track``; without a zone they are whole grids, and so is the change returned.
     """
     if zone is None:
         whole = Zone.whole(track)
