@@ -194,7 +194,11 @@ def test_kill9_mid_job_then_restart_processes_every_scene_once(
     with site.start() as first:
         first.wait_for(lambda: len(first.scenes_logged(AOI)) >= 20, 120, "20 scenes")
         first.kill9()
-    before = first.scenes_logged(AOI)
+    # What the store holds is the truth: the monitor logs a scene just after its commit, so a kill
+    # between the two leaves one recorded scene unlogged (a clean-clone CI run once hit that window).
+    before = [r["scene_id"] for r in site.history(AOI)]
+    logged = first.scenes_logged(AOI)
+    assert set(logged) <= set(before) and len(before) - len(logged) <= 1, (logged, before)
     assert 20 <= len(before) < len(sim.scenes)
     with site.start() as second:  # the lock died with the process: no refusal
         left = len(sim.scenes) - len(before)
