@@ -10,7 +10,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from railwatch.detect.change import _median, _registration_costs, robust_fit
+from railwatch.detect.change import (
+    FIT_MIN_ELONGATION,
+    REFERENCE_FIT_PASSES,
+    _median,
+    _registration_costs,
+    robust_fit,
+)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -26,15 +32,16 @@ def test_median_is_numpy_median(n: int, dtype: type) -> None:
     assert np.array_equal(got_rows, np.median(rows, axis=-1)) and got_rows.dtype == rows.dtype
 
 
-def _plain_robust_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """The fit as first written (np.median, four clipping passes, the last one unused)."""
+def _plain_robust_fit(x: np.ndarray, y: np.ndarray, passes: int = 4) -> tuple[float, float]:
+    """The fit as first written (np.median, ``passes`` clipping passes, the last one unused), with the
+    elongation test of 2.5.0 (a round cloud gives an offset only)."""
     ok = np.isfinite(x) & np.isfinite(y)
     x, y = x[ok].astype(np.float64), y[ok].astype(np.float64)
     if x.size < 10 or float(np.ptp(x)) < 1e-6:
         return 1.0, float(np.median(y - x)) if x.size else 0.0
     keep = np.ones(x.size, bool)
     g, o = 1.0, float(np.median(y - x))
-    for _ in range(4):
+    for _ in range(passes):
         if np.count_nonzero(keep) < 10:
             break
         xk, yk = x[keep], y[keep]
@@ -43,6 +50,8 @@ def _plain_robust_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         sxx, syy, sxy = (float(np.einsum("i,i", a, b)) for a, b in ((dx, dx), (dy, dy), (dx, dy)))
         half = 0.5 * (sxx - syy)
         root = float(np.hypot(half, sxy))
+        if 0.5 * (sxx + syy) + root < FIT_MIN_ELONGATION * (0.5 * (sxx + syy) - root):
+            return 1.0, float(np.median(y - x))
         if half >= 0:
             slope = sxy / (half + root) if half + root > 0 else 0.0
         elif sxy == 0:
@@ -74,7 +83,38 @@ def test_robust_fit_is_the_plain_fit(seed: int) -> None:
         x[::7] = np.nan
     if seed % 11 == 0:
         x[:] = 0.1  # no spread: the median offset
-    assert robust_fit(x, y) == _plain_robust_fit(x, y)
+    if seed % 7 == 0:
+        x = (0.14 + rng.normal(0, 0.005, n)).astype(np.float32)  # one material: a round cloud
+        y = (x + 0.01 + rng.normal(0, 0.005, n)).astype(np.float32)
+    passes = 3 if seed % 2 else 4
+    assert robust_fit(x, y, passes) == _plain_robust_fit(x, y, passes)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_round_cloud_of_one_material_gives_an_offset_not_an_arbitrary_gain(seed: int) -> None:
+    """Pseudo-invariant pixels of one material (a bare yard): their scatter is round, its axis is noise.
+    The orthogonal fit returned gains anywhere in (0.2, 5) for such clouds (on the analysis-kernel
+    archive a reference band was scrambled and one scene's count doubled with the fit's sample); the
+    fit is now the median offset."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.choice([300, 1000, 5000]))
+    x = (0.14 + rng.normal(0, 0.004, n)).astype(np.float32)
+    y = (x + 0.012 + rng.normal(0, 0.004, n)).astype(np.float32)
+    g, o = robust_fit(x, y)
+    assert g == 1.0
+    assert abs(o - 0.012) < 0.001
+
+
+@pytest.mark.parametrize("gain", [0.9, 1.0, 1.08, 1.25])
+def test_a_gain_is_measured_over_pixels_that_span_a_range(gain: float) -> None:
+    """Roofs, roads and bare soil from 0.03 to 0.3: the gain is measured, to a few tenths of a per cent
+    from the 1 000 pixels of a reference scene's fit."""
+    rng = np.random.default_rng(7)
+    x = rng.uniform(0.03, 0.3, 1000).astype(np.float32)
+    y = (gain * x + 0.004 + rng.normal(0, 0.005, x.size)).astype(np.float32)
+    g, o = robust_fit(x + rng.normal(0, 0.005, x.size).astype(np.float32), y, REFERENCE_FIT_PASSES)
+    assert abs(g - gain) < 0.01 * gain
+    assert abs(o - 0.004) < 0.003
 
 
 def test_registration_costs_skip_unused_taps_exactly() -> None:
