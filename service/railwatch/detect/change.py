@@ -320,7 +320,11 @@ def nan_median(stack: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
 
 def spread_sample(mask: B, limit: int = FIT_SAMPLE) -> npt.NDArray[np.intp]:
     """Flat indices of at most ``limit`` pixels of ``mask`` (any shape), evenly spread (deterministic)."""
-    idx = np.flatnonzero(mask)
+    return _spread(np.flatnonzero(mask), limit)
+
+
+def _spread(idx: npt.NDArray[np.intp], limit: int) -> npt.NDArray[np.intp]:
+    """At most ``limit`` of the sorted flat indices ``idx``, evenly spread (as :func:`spread_sample`)."""
     if idx.size > limit:
         idx = idx[np.linspace(0, idx.size - 1, limit).astype(np.intp)]
     return idx
@@ -408,42 +412,55 @@ def optical_reference(
     ndvi_now = _ndvi_at(current, idx) if has_ndvi else None
     fits: list[dict[str, tuple[float, float]]] = []
     for scene, ok in zip(scenes, clear, strict=True):
-        usable = stable & ok
+        inside = _at(ok, idx)
+        usable = idx[inside]  # = np.flatnonzero(stable & ok)
         if ndvi_now is not None:
-            inside = _at(ok, idx)
-            sel = idx[inside]
-            pif = _invariant(usable, sel, ndvi_now[inside], _ndvi_at(scene, sel), PIF_MINIMUM)
+            # The pseudo-invariant pixels as indices (_invariant's mask, without building it).
+            pif = usable[(ndvi_now[inside] < PIF_MAX_NDVI) & (_ndvi_at(scene, usable) < PIF_MAX_NDVI)]
+            if pif.size < PIF_MINIMUM:
+                pif = usable
         else:
             pif = usable
-        fit = spread_sample(pif, REFERENCE_FIT_SAMPLE)
+        fit = _spread(pif, REFERENCE_FIT_SAMPLE)
         fits.append({b: robust_fit(_at(scene[b], fit), _at(current[b], fit), REFERENCE_FIT_PASSES) for b in bands})
 
-    def median_at(b: str, pixels: npt.NDArray[np.intp] | None) -> F32:
-        """The median of the normalised scenes in band ``b`` (at ``pixels`` only, NaN elsewhere)."""
-        layers = []
-        for scene, ok, fit in zip(scenes, clear, fits, strict=True):
-            g, o = fit[b]
+    def medians_at(wanted: Sequence[str], pixels: npt.NDArray[np.intp] | None) -> dict[str, F32]:
+        """The median of the normalised scenes in each band of ``wanted`` (at ``pixels`` only, NaN elsewhere).
+
+        Each layer is written into one stack in place (the same float32 operations as ``g * x + o``), and
+        a scene's cloudy pixels are gathered once for all the bands.
+        """
+        n = stable.size if pixels is None else pixels.size
+        cloudy = [~(ok.reshape(-1) if pixels is None else _at(ok, pixels)) for ok in clear]
+        out: dict[str, F32] = {}
+        for b in wanted:
+            stack = np.empty((len(scenes), n), np.float32)
+            for row, scene, bad, fit in zip(stack, scenes, cloudy, fits, strict=True):
+                g, o = fit[b]
+                if pixels is None:
+                    row[:] = scene[b].reshape(-1)
+                else:
+                    np.take(scene[b].reshape(-1), pixels, out=row)
+                row *= g
+                row += o
+                row[bad] = np.nan
+            median = nan_median(stack)
             if pixels is None:
-                layers.append(np.where(ok, g * scene[b] + o, np.nan).astype(np.float32))
+                out[b] = median.reshape(stable.shape)
             else:
-                layers.append(np.where(_at(ok, pixels), g * _at(scene[b], pixels) + o, np.nan).astype(np.float32))
-        median = nan_median(np.stack(layers))
-        if pixels is None:
-            return median
-        out = np.full(stable.shape, np.nan, np.float32)
-        out.reshape(-1)[pixels] = median
+                out[b] = np.full(stable.shape, np.nan, np.float32)
+                out[b].reshape(-1)[pixels] = median
         return out
 
     if where is None:
-        return {b: median_at(b, None) for b in bands}
+        return medians_at(bands, None)
     # The NDVI bands wherever optical_change may choose its fit; then the fit it will choose.
     first = covering_bands(bands)
-    around = np.flatnonzero(where | stable)
-    reference = {b: median_at(b, around) for b in first}
+    reference = medians_at(first, np.flatnonzero(where | stable))
     fit = np.zeros(stable.shape, bool)
     fit.reshape(-1)[fit_sample(current, reference, stable)] = True
-    rest = np.flatnonzero(where | fit)
-    return {b: reference[b] if b in reference else median_at(b, rest) for b in bands}
+    reference |= medians_at([b for b in bands if b not in reference], np.flatnonzero(where | fit))
+    return {b: reference[b] for b in bands}
 
 
 def fit_sample(current: dict[str, F32], reference: dict[str, F32], stable: B) -> npt.NDArray[np.intp]:
