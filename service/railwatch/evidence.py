@@ -573,7 +573,7 @@ def load_scene_evidence(
     Raises EvidenceError when the alert has no opening scene (a stale alert) or too few earlier
     usable scenes remain, and ProviderError when a scene cannot be read.
     """
-    from railwatch.analysis import MIN_REFERENCE, AoiContext
+    from railwatch.analysis import AoiContext, min_reference
     from railwatch.config import effective_detector
 
     if alert.opened_acquired is None or not alert.sensor:
@@ -591,7 +591,7 @@ def load_scene_evidence(
             refs.append(scenes.get(o.collection, o.acquired))
         except ProviderError as exc:  # a reference that vanished from the archive is skipped, as the pipeline does
             log.warning("reference scene %s %s unavailable: %s", aoi.id, iso(o.acquired), exc, extra={"aoi": aoi.id})
-    if len(refs) < MIN_REFERENCE:
+    if len(refs) < min_reference(alert.sensor, cfg.reference_scenes):
         raise EvidenceError(f"alert {alert.id}: only {len(refs)} of the reference scenes of {iso(alert.opened_acquired)} "
                             "could be read; no before/after to show")
     change, before = _change(ctx, scene, refs)

@@ -23,7 +23,7 @@ from railwatch.baseline import (
     single_scene_threshold,
 )
 from railwatch.config import DetectorSettings
-from railwatch.detect.change import mean_reference, optical_change, radar_change
+from railwatch.detect.change import mean_reference, optical_change, optical_reference, radar_change
 from railwatch.detect.estimate import estimate_cars
 from railwatch.detect.quality import optical_quality
 from railwatch.detect.zone import Zone
@@ -337,6 +337,29 @@ def test_cars_darker_and_brighter_than_ballast_on_a_real_bed() -> None:
     ch = optical_change(cur, ref, track, stable)
     assert ch.occupied[39, 10:35].sum() >= 22 and ch.occupied[39, 60:85].sum() >= 22
     assert ch.n_occupied <= 50 + 2 * ch.expected_false + 3
+
+
+def test_a_car_gone_since_one_of_three_references_is_no_change_but_two_references_need_a_third() -> None:
+    """A tank car stood in one reference scene and has left. The median of three scenes drops it; the
+    median of two is their mean, and the departed car counts like an arriving one (the optical test has
+    no sign), which is why an optical scene waits for three earlier clear scenes (analysis.min_reference)."""
+    from railwatch.analysis import MIN_OPTICAL_REFERENCE, min_reference
+
+    bands, track, stable = _landscape(41)
+    refs = [_noisy(bands, 42 + k) for k in range(3)]
+    tank = np.array([0.035, 0.036, 0.037, 0.042])
+    for i, b in enumerate(("B02", "B03", "B04", "B08")):
+        refs[0][b][38:41, 10:40] = tank[i]
+    cur = _noisy(bands, 50)
+    clear = [np.ones(track.shape, bool)] * 3
+    three = optical_change(cur, optical_reference(cur, refs, clear, stable), track, stable)
+    assert three.occupied[38:41, 10:40].sum() <= 2
+    assert three.n_occupied <= 2 * three.expected_false + 3
+    two = optical_change(cur, optical_reference(cur, refs[:2], clear[:2], stable), track, stable)
+    assert two.occupied[38:41, 10:40].sum() >= 80  # the ghost of the departed car
+    assert min_reference(S2, 6) == MIN_OPTICAL_REFERENCE == 3
+    assert min_reference(S1, 6) == 2
+    assert min_reference(S2, 2) == 2  # never more than the reference is ever given
 
 
 def test_a_change_of_radar_orbit_alone_opens_no_alert() -> None:

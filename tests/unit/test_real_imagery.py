@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from railwatch.analysis import AoiContext, analyse, prepare
+from railwatch.analysis import MIN_OPTICAL_REFERENCE, AoiContext, analyse, prepare
 from railwatch.aoi import load_aoi
 from railwatch.config import DetectorSettings
 from railwatch.detect.change import optical_change, optical_reference
@@ -105,7 +105,8 @@ def test_optical_path_runs_on_real_l1c_without_scl(name: str, tmp_path: Path) ->
                           core & older.quality.clear, stable, zone=ctx.zone, neighbours=core)
     assert same.n_occupied == 0
     # Two real dates (a year apart, other trains): finite change, a finite estimate with its interval.
-    obs = analyse(ctx, newer, [older, older], cfg)
+    # (The older date stands for the three earlier clear scenes an optical reference needs.)
+    obs = analyse(ctx, newer, [older] * MIN_OPTICAL_REFERENCE, cfg)
     assert obs.status in ("ok", "partial", "haze", "cloudy")
     assert math.isfinite(float(obs.metrics.get("haze", 0.0)))
     if obs.status in ("ok", "partial"):

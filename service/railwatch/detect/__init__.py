@@ -27,5 +27,6 @@ from __future__ import annotations
 #: 2.5.0: an optical radiometric fit measures a gain only when its pseudo-invariant pixels span a range
 #: (their scatter elongated 25:1), else it is an offset (one material's round cloud gave arbitrary
 #: gains that scrambled a band); the fits that bring each reference scene to the scene's radiometry
-#: take 1 000 pixels and three passes (was 5 000 and four), for speed.
+#: take 1 000 pixels and three passes (was 5 000 and four), for speed; an optical scene needs three earlier
+#: clear scenes (was two: the median of two is their mean, and a car gone since either counted).
 DETECTOR_VERSION = "2.5.0"
