@@ -383,3 +383,25 @@ def test_files_provider_fetch_without_source_uses_the_layout(archive: Path) -> N
     ref = SceneRef("yard", S1, datetime(2024, 3, 3, 21, 29, 31, tzinfo=UTC))
     raster = provider.fetch(make_aoi("yard"), ref)
     np.testing.assert_array_equal(raster.bands["VH"], s1_raster(3).bands["VH"])
+
+
+def test_rasterios_spurious_in_memory_georeferencing_warning_is_silenced_and_a_files_is_not() -> None:
+    """reproject/rasterize on arrays, from several threads, now and then warn "Dataset has no geotransform"
+    (a race in rasterio; seen in the executor tests and the throughput benchmark). Importing railwatch
+    silences that warning from rasterio.warp and rasterio.features only; opening a file without
+    georeferencing still warns (and read_scene reports it). In a fresh interpreter: pytest manages
+    warning filters itself."""
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, railwatch\n"
+        "from rasterio.errors import NotGeoreferencedWarning as W\n"
+        "t = 'Dataset has no geotransform, gcps, or rpcs. The identity matrix will be returned.'\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    for m in ('rasterio.warp', 'rasterio.features', 'rasterio'):\n"
+        "        warnings.warn_explicit(t, W, m + '.py', 1, module=m)\n"
+        "print([w.filename for w in seen])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert done.stdout.strip() == "['rasterio.py']"
