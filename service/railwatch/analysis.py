@@ -49,12 +49,6 @@ MIN_REFERENCE = 2
 #: more, every count was the cars plus the false-alarm level. The radar test counts only what is
 #: brighter than the reference, so a departed car cannot count there.
 MIN_OPTICAL_REFERENCE = 3
-
-
-def min_reference(collection: str, reference_scenes: int) -> int:
-    """Earlier clear scenes of the same geometry a scene of ``collection`` needs for its reference (at
-    most ``[detector] reference_scenes``, the most it is ever given)."""
-    return min(MIN_OPTICAL_REFERENCE if collection == S2 else MIN_REFERENCE, reference_scenes)
 #: A track pixel is a *core* pixel for the optical test when at least this share of it lies inside
 #: the track band: it then sees only the formation (ballast, gravel), not the fields beside it,
 #: whose seasonal change would otherwise look like rolling stock in the mixed pixels.
@@ -165,6 +159,12 @@ class Prepared:
     quality: Quality
     geometry_key: str
     grid: OnGrid | None = None
+
+
+def min_reference(collection: str, reference_scenes: int) -> int:
+    """Earlier clear scenes of the same geometry a scene of ``collection`` needs for its reference (at
+    most ``[detector] reference_scenes``, the most it is ever given)."""
+    return min(MIN_OPTICAL_REFERENCE if collection == S2 else MIN_REFERENCE, reference_scenes)
 
 
 def geometry_key(ref: SceneRef, tags: dict[str, str] | None = None) -> str:

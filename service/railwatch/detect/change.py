@@ -133,13 +133,13 @@ FIT_PASSES = 4
 #: tenth of the noise floor; two clipping rounds remove what the pseudo-invariant pixels let through
 #: (a new roof, a parked lorry). A fit costs about a sixth of a full one.
 REFERENCE_FIT_SAMPLE = 1000
+REFERENCE_FIT_PASSES = 3
 #: Optical: a radiometric fit measures a gain only when its pixels' scatter is elongated: the variance
 #: along its major axis at least this many times that across it (the pixels span at least about five
 #: noise units). Pseudo-invariant pixels of one material (a bare yard, a desert, snow) form a round
 #: cloud whose axis is noise: an orthogonal fit then returned an arbitrary gain (0.3, 2.5) that
 #: scrambled the band; such a fit is an offset only (gain 1, the median difference).
 FIT_MIN_ELONGATION = 25.0
-REFERENCE_FIT_PASSES = 3
 #: Optical: floor of the residual standard deviation per band (reflectance). Sentinel-2 L2A surface
 #: reflectance uncertainty is a few thousandths (ESA S2 L2A validation: ~0.005 in the visible).
 OPTICAL_NOISE_FLOOR = 0.002
@@ -205,7 +205,9 @@ def _window_mean(values: F32, usable: B, taps: npt.NDArray[np.int32]) -> tuple[F
     return mean, count
 
 
-def robust_fit(x: npt.NDArray[np.floating], y: npt.NDArray[np.floating], passes: int = FIT_PASSES) -> tuple[float, float]:
+def robust_fit(
+    x: npt.NDArray[np.floating], y: npt.NDArray[np.floating], passes: int = FIT_PASSES,
+) -> tuple[float, float]:
     """Gain and offset of y ≈ g·x + o by orthogonal regression with iterative 2.5-sigma clipping.
 
     Orthogonal (total least squares) rather than ordinary regression because both images carry
@@ -365,10 +367,19 @@ def _ndvi_at(bands: dict[str, F32], idx: npt.NDArray[np.intp]) -> F32:
     return _ndvi({b: _at(bands[b], idx) for b in ("B08", "B04")})
 
 
+def _invariant_at(
+    idx: npt.NDArray[np.intp], ndvi_current: F32, ndvi_reference: F32, minimum: int,
+) -> npt.NDArray[np.intp]:
+    """The pseudo-invariant pixels among the flat indices ``idx`` (both dates' NDVI at them given), or
+    ``idx`` itself when fewer than ``minimum`` are."""
+    keep = idx[(ndvi_current < PIF_MAX_NDVI) & (ndvi_reference < PIF_MAX_NDVI)]
+    return idx if keep.size < minimum else keep
+
+
 def _invariant(stable: B, idx: npt.NDArray[np.intp], ndvi_current: F32, ndvi_reference: F32, minimum: int) -> B:
     """:func:`pseudo_invariant` given both dates' NDVI at ``idx`` = ``np.flatnonzero(stable)``."""
-    keep = idx[(ndvi_current < PIF_MAX_NDVI) & (ndvi_reference < PIF_MAX_NDVI)]
-    if keep.size < minimum:
+    keep = _invariant_at(idx, ndvi_current, ndvi_reference, minimum)
+    if keep is idx:
         return stable
     pif = np.zeros(stable.shape, bool)
     pif.reshape(-1)[keep] = True
@@ -414,15 +425,13 @@ def optical_reference(
     for scene, ok in zip(scenes, clear, strict=True):
         inside = _at(ok, idx)
         usable = idx[inside]  # = np.flatnonzero(stable & ok)
+        # The pseudo-invariant pixels as indices (_invariant's mask, without building it).
+        pif = usable
         if ndvi_now is not None:
-            # The pseudo-invariant pixels as indices (_invariant's mask, without building it).
-            pif = usable[(ndvi_now[inside] < PIF_MAX_NDVI) & (_ndvi_at(scene, usable) < PIF_MAX_NDVI)]
-            if pif.size < PIF_MINIMUM:
-                pif = usable
-        else:
-            pif = usable
+            pif = _invariant_at(usable, ndvi_now[inside], _ndvi_at(scene, usable), PIF_MINIMUM)
         fit = _spread(pif, REFERENCE_FIT_SAMPLE)
-        fits.append({b: robust_fit(_at(scene[b], fit), _at(current[b], fit), REFERENCE_FIT_PASSES) for b in bands})
+        fits.append({b: robust_fit(_at(scene[b], fit), _at(current[b], fit), REFERENCE_FIT_PASSES)
+                     for b in bands})
 
     def medians_at(wanted: Sequence[str], pixels: npt.NDArray[np.intp] | None) -> dict[str, F32]:
         """The median of the normalised scenes in each band of ``wanted`` (at ``pixels`` only, NaN elsewhere).
