@@ -385,7 +385,7 @@ def test_files_provider_fetch_without_source_uses_the_layout(archive: Path) -> N
     np.testing.assert_array_equal(raster.bands["VH"], s1_raster(3).bands["VH"])
 
 
-def test_rasterios_spurious_in_memory_georeferencing_warning_is_silenced_and_a_files_is_not() -> None:
+def test_rasterios_spurious_in_memory_georeferencing_warning_is_silenced_but_not_a_files() -> None:
     """reproject/rasterize on arrays, from several threads, now and then warn "Dataset has no geotransform"
     (a race in rasterio; seen in the executor tests and the throughput benchmark). Importing railwatch
     silences that warning from rasterio.warp and rasterio.features only; opening a file without
