@@ -137,8 +137,8 @@ REFERENCE_FIT_PASSES = 3
 #: Optical: a radiometric fit measures a gain only when its pixels' scatter is elongated: the variance
 #: along its major axis at least this many times that across it (the pixels span at least about five
 #: noise units). Pseudo-invariant pixels of one material (a bare yard, a desert, snow) form a round
-#: cloud whose axis is noise: an orthogonal fit then returned an arbitrary gain (0.3, 2.5) that
-#: scrambled the band; such a fit is an offset only (gain 1, the median difference).
+#: cloud whose axis is noise: an orthogonal fit then returned an arbitrary gain that scrambled the
+#: band (docs/detector.md §2); such a fit is an offset only (gain 1, the median difference).
 FIT_MIN_ELONGATION = 25.0
 #: Optical: floor of the residual standard deviation per band (reflectance). Sentinel-2 L2A surface
 #: reflectance uncertainty is a few thousandths (ESA S2 L2A validation: ~0.005 in the visible).
