@@ -24,7 +24,7 @@ from railwatch.config import DetectorSettings
 from railwatch.detect import DETECTOR_VERSION
 from railwatch.detect.change import (
     Change,
-    covering_bands,
+    covered,
     optical_change,
     optical_reference,
     radar_change,
@@ -351,7 +351,7 @@ def _zone_change(ctx: AoiContext, scene: Prepared, refs: Sequence[Prepared]) -> 
                                       where=ctx.optical_reads)
         # Where some reference scene is clear (the NDVI bands cover every stable pixel; the others only
         # those the test reads).
-        ref_ok = np.all(np.stack([np.isfinite(reference[b]) for b in covering_bands(list(reference))]), axis=0)
+        ref_ok = covered(reference)
         change = optical_change(scene.bands, reference, track & ref_ok, stable & ref_ok, zone=ctx.zone,
                                 neighbours=on_mask)
         return change, reference

@@ -393,12 +393,15 @@ def covering_bands(bands: Sequence[str]) -> list[str]:
     return ["B04", "B08"] if "B04" in bands and "B08" in bands else list(bands)[:1]
 
 
+def covered(reference: dict[str, F32]) -> B:
+    """Where an optical reference is computed (its :func:`covering_bands` are finite): where some
+    reference scene is clear."""
+    return np.logical_and.reduce([np.isfinite(reference[b]) for b in covering_bands(list(reference))])
+
+
 def _fit_candidates(reference: dict[str, F32], stable: B) -> B:
     """The stable pixels a scene's fit to its reference may stand on: those the reference covers."""
-    ok = stable.copy()
-    for b in covering_bands(list(reference)):
-        ok &= np.isfinite(reference[b])
-    return ok
+    return stable & covered(reference)
 
 
 def optical_reference(
