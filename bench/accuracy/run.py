@@ -57,7 +57,7 @@ FULL_YARD = 40
 #: The `[detector]` settings the alert rule reads (docs/detector.md §7): what ``--detector`` may replay.
 RULE_KEYS = ("min_history", "baseline_days", "alert_sigma", "alert_ratio", "alert_min_cars", "resolve_ratio",
              "escalation_ratio", "open_min_clear", "open_min_clear_optical", "optical_opens_alone", "confirm_days",
-             "single_scene_factor")
+             "single_scene_factor", "geometry_baseline_fallback")
 CALIBRATION_COUNTS = 3
 
 DEFAULT_AOIS = ("tumangang-khasan", "sinuiju-dandong")

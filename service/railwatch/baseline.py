@@ -40,6 +40,14 @@ from railwatch.domain import S2, Observation
 
 OPENED, CONFIRMED, ESCALATED, RESOLVED = "alert.opened", "alert.confirmed", "alert.escalated", "alert.resolved"
 QUIET_TO_RESOLVE = 2
+#: A radar geometry short of history borrows its sensor's baseline (``geometry_baseline_fallback``) once
+#: it has this many judged scenes of its own ...
+FALLBACK_MIN_OWN = 3
+#: ... whose median is within this factor of the other geometries' median. The Sentinel-1 count scatters
+#: by a log standard deviation of about 0.4 (docs/detector.md §9), so the medians of three or more scenes
+#: of two geometries at the same level differ by less than 2x about 95 % of the time; a new orbit that
+#: reads the yard at another level builds its own baseline first.
+FALLBACK_MAX_RATIO = 2.0
 
 
 @dataclass(frozen=True)
@@ -84,25 +92,42 @@ class Decision:
 
 
 def history_for(obs: Observation, observations: Sequence[Observation], cfg: DetectorSettings) -> History:
-    """Earlier usable observations comparable with ``obs`` (same sensor and geometry) in the window;
+    """Earlier usable observations comparable with ``obs`` (same sensor and geometry; every geometry of the
+    sensor while this one has fewer than ``min_history`` that read at the others' level:
+    ``geometry_baseline_fallback``) in the window;
     ``.recent`` holds the usable estimates of every sensor of the last ``confirm_days`` (for the
     two-scenes-in-a-row rule)."""
     start = obs.acquired - timedelta(days=cfg.baseline_days)
     recent_start = obs.acquired - timedelta(days=cfg.confirm_days)
-    same = [
-        o
-        for o in observations
-        if o.collection == obs.collection
-        and o.geometry_key == obs.geometry_key
-        and start <= o.acquired < obs.acquired
-        and o.usable
-    ]
+    sensor = [o for o in observations if o.collection == obs.collection and start <= o.acquired < obs.acquired and o.usable]
+    same = [o for o in sensor if o.geometry_key == obs.geometry_key]
+    if cfg.geometry_baseline_fallback and len(_judged(same)) < cfg.min_history:
+        # A radar geometry short of history of its own (the start of a watch, or after a winter of
+        # wet-snow scenes) is judged against the sensor's when its few scenes read at the same level:
+        # calibration brings every geometry to the sensor's level (docs/detector.md §6), and until this
+        # geometry can judge, a surge's scenes fall out of the two-in-a-row test.
+        others = [o for o in sensor if o.geometry_key != obs.geometry_key]
+        if _same_level(_judged(same), _judged(others)):
+            same = sensor
     recent = sorted(
         (o for o in observations
          if recent_start <= o.acquired < obs.acquired and o.usable and o.estimated_cars is not None),
         key=lambda o: (o.acquired, o.collection),
     )
     return History(same, recent)
+
+
+def _judged(history: Sequence[Observation]) -> list[float]:
+    """The estimates a baseline is computed from (elevated observations left out)."""
+    return [float(o.estimated_cars) for o in history if o.estimated_cars is not None and not o.metrics.get("elevated")]
+
+
+def _same_level(own: Sequence[float], others: Sequence[float]) -> bool:
+    """Whether a geometry's few judged estimates (``own``) read at the level of the sensor's other geometries."""
+    if len(own) < FALLBACK_MIN_OWN or not others:
+        return False
+    a, b = statistics.median(own) + 1.0, statistics.median(others) + 1.0
+    return max(a / b, b / a) <= FALLBACK_MAX_RATIO
 
 
 def compute_baseline(history: Sequence[Observation], clip_sigma: float = 4.0) -> Baseline | None:
@@ -112,7 +137,7 @@ def compute_baseline(history: Sequence[Observation], clip_sigma: float = 4.0) ->
     little history when it came — is dropped here: values more than ``clip_sigma`` lower-half
     spreads above the median (the lower half of the history cannot contain a surge) do not count.
     """
-    vals = [float(o.estimated_cars) for o in history if o.estimated_cars is not None and not o.metrics.get("elevated")]
+    vals = _judged(history)
     if not vals:
         return None
     level = statistics.median(vals)

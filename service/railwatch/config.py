@@ -186,6 +186,9 @@ class DetectorSettings(_Section):
     confirm_days: float = Field(
         10.0, gt=0, description="an elevated scene opens an alert when the last usable scene within this many days "
                                 "was elevated too")
+    geometry_baseline_fallback: bool = Field(
+        True, description="a radar orbit geometry with fewer than min_history observations of its own is judged "
+                          "against the sensor's baseline (every geometry)")
     single_scene_factor: float = Field(
         2.0, ge=1, description="a single scene opens an alert alone when its excess over the baseline is this many "
                                "times the threshold's")

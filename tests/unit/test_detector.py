@@ -375,6 +375,44 @@ def test_a_change_of_radar_orbit_alone_opens_no_alert() -> None:
     assert all(not o.metrics["elevated"] for o in rep.observations)
 
 
+def _radar(day: int, cars: float, geometry: str) -> Observation:
+    return Observation("a", S1, T0 + timedelta(days=day), "ok", estimated_cars=cars, clear_fraction=1.0,
+                       geometry_key=geometry)
+
+
+def test_a_radar_geometry_short_of_history_borrows_its_sensors_baseline_when_it_reads_at_that_level() -> None:
+    """After a winter of wet-snow scenes one geometry has three usable scenes, the other twelve. A surge
+    seen by both: without the fallback the short geometry cannot judge, its elevated scenes fall out of
+    the two-in-a-row test and the other geometry's lone elevated scenes (12 days apart) open nothing;
+    with it, the second elevated scene in a row opens the alert."""
+    from railwatch.baseline import history_for
+
+    asc = [_radar(12 * i, 14 + (i % 3), "ascending:134") for i in range(12)]
+    desc = [_radar(12 * i + 6, 13 + (i % 3), "descending:61") for i in range(9, 12)]
+    surge = [_radar(144, 36.0, "ascending:134"), _radar(150, 37.0, "descending:61"), _radar(156, 38.0, "ascending:134")]
+    off = CFG.model_copy(update={"geometry_baseline_fallback": False})
+    assert len(history_for(surge[1], [*asc, *desc], off)) == 3
+    assert len(history_for(surge[1], [*asc, *desc], CFG)) == 3 + 9  # and the other geometry's 9 of the 120 days
+    assert replay([*asc, *desc, *surge], off).episodes == []
+    opened = replay([*asc, *desc, *surge], CFG).episodes
+    assert [e.opened_acquired for e in opened] == [T0 + timedelta(days=150)]
+    # Two scenes of its own are not enough to tell its level: no borrowing yet.
+    assert len(history_for(surge[1], [*asc, *desc[1:]], CFG)) == 2
+
+
+def test_a_new_radar_orbit_reading_another_level_builds_its_own_baseline_first() -> None:
+    """Three scenes of a new geometry at 3x the sensor's level (no calibration factor for it yet) do not
+    borrow: a change of orbit alone opens no alert, the fallback on or off."""
+    from railwatch.baseline import history_for
+
+    asc = [_radar(12 * i, 14 + (i % 3), "ascending:134") for i in range(12)]
+    desc = [_radar(12 * i + 6, 3 * (14 + (i % 3)), "descending:61") for i in range(9, 14)]
+    assert len(history_for(desc[-1], [*asc, *desc[:-1]], CFG)) == 4
+    for cfg in (CFG, CFG.model_copy(update={"geometry_baseline_fallback": False})):
+        rep = replay([*asc, *desc], cfg)
+        assert rep.episodes == [] and not any(o.metrics["elevated"] for o in rep.observations)
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["ok", "cloudy", "snow", "nodata", "haze", "partial"]),
                           st.floats(0, 500), st.floats(0, 1)), min_size=1, max_size=40))

@@ -29,4 +29,8 @@ from __future__ import annotations
 #: gains that scrambled a band); the fits that bring each reference scene to the scene's radiometry
 #: take 1 000 pixels and three passes (was 5 000 and four), for speed; an optical scene needs three earlier
 #: clear scenes (was two: the median of two is their mean, and a car gone since either counted).
-DETECTOR_VERSION = "2.5.0"
+#: 2.6.0: the alert rule judges a radar geometry short of history of its own (fewer than min_history
+#: scenes) against its sensor's baseline once three of its scenes read within 2x of the other geometries'
+#: level (``geometry_baseline_fallback``); decisions change, and with them the few counts whose
+#: references changed (a scene judged elevated is not a reference).
+DETECTOR_VERSION = "2.6.0"
