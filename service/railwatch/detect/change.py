@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Any, TypeVar
 
 import numpy as np
@@ -175,6 +176,24 @@ def _vectors(bands: dict[str, F32]) -> dict[str, F32]:
 #: :func:`_window_mean` sums only the usable pixels when fewer than this share of the window entries
 #: are usable, else whole columns of the window table (the same means, to float32 rounding).
 SPARSE_WINDOW_SHARE = 0.4
+
+
+# Quantiles of the F and chi-square laws the tests read, cached: a frozen scipy distribution costs about
+# a millisecond to build and each call a few hundred microseconds of argument checking, the whole
+# of a small AOI's radar test otherwise (bench/kernel.py); the values are scipy's own, bit for bit.
+@lru_cache(maxsize=1024)
+def _f_ppf(q: float, d1: float, d2: float) -> float:
+    return float(stats.f.ppf(q, d1, d2))
+
+
+@lru_cache(maxsize=1024)
+def _chi2_ppf(q: float, dof: float) -> float:
+    return float(stats.chi2.ppf(q, dof))
+
+
+@lru_cache(maxsize=1024)
+def _chi2_cdf(x: float, dof: float) -> float:
+    return float(stats.chi2.cdf(x, dof))
 
 
 def _window_mean(values: F32, usable: B, taps: npt.NDArray[np.int32]) -> tuple[F32, npt.NDArray[np.intp]]:
@@ -492,8 +511,8 @@ def _robust_covariance(x: npt.NDArray[np.float64], floor: float) -> tuple[npt.ND
     mu = _median(np.ascontiguousarray(x.T))
     mad = np.array([_mad_sigma(x[:, j]) for j in range(p)])
     cov = np.diag(np.maximum(mad, floor) ** 2)
-    cut = float(stats.chi2.ppf(0.975, p))
-    consistency = 0.975 / float(stats.chi2.cdf(cut, p + 2))
+    cut = _chi2_ppf(0.975, p)
+    consistency = 0.975 / _chi2_cdf(cut, p + 2)
     for _ in range(4):
         d = x - mu
         d2 = np.einsum("ij,jk,ik->i", d, np.linalg.inv(cov), d)
@@ -676,7 +695,7 @@ def optical_change(
     stat = np.zeros(track.shape, np.float32)
     stat[at] = d2
     dof = len(bands)
-    threshold = float(stats.chi2.ppf(1.0 - false_alarm, dof))
+    threshold = _chi2_ppf(1.0 - false_alarm, dof)
     metrics["threshold"] = threshold
     metrics |= {f"noise_{b}": float(np.sqrt(cov[i, i])) for i, b in enumerate(bands)}
     return _finish(stat, track, threshold, metrics, false_alarm, haze)
@@ -874,9 +893,9 @@ def radar_change(
         return _finish(np.zeros(cur.shape, np.float32), track, np.inf, metrics, false_alarm)
     ratio = np.ones_like(cur)
     np.divide(cur, ref, out=ratio, where=valid)
-    single = stats.f(2 * S1_ENL, 2 * n_ref * S1_ENL)
+    single = (2 * S1_ENL, 2 * n_ref * S1_ENL)  # the F law of one pixel's ratio
     q = RADAR_GAIN_QUANTILE if gain_quantile is None else gain_quantile
-    gain = float(np.quantile(ratio[track], q)) / float(single.ppf(q))
+    gain = float(np.quantile(ratio[track], q)) / _f_ppf(q, *single)
     # Ratio of local means over the track pixels of the window (speckle averages, a consist does not).
     at = np.flatnonzero(track)
     win = zone.windows(at)
@@ -887,7 +906,7 @@ def radar_change(
     # Independent samples per window: the test has always counted the whole window (window² pixels),
     # not only its track pixels; kept as it is so that the detector's figures do not move.
     samples = max(window * window / S1_SPECKLE_CORRELATION, 1.0)
-    threshold = float(stats.f.ppf(1.0 - false_alarm, 2 * S1_ENL * samples, 2 * S1_ENL * samples * n_ref))
+    threshold = _f_ppf(1.0 - false_alarm, 2 * S1_ENL * samples, 2 * S1_ENL * samples * n_ref)
     near = win[:, diamond_columns(window // 2)]
     stat = np.zeros(at.size, np.float32)
     excess = np.zeros_like(cur)
@@ -897,7 +916,7 @@ def radar_change(
             # cars (a full yard) the lower quartile itself is lit, and the first gain is too high.
             free = at[~padded(excess > 100.0, False)[near].any(axis=1)]
             if free.size >= max(30, at.size // 4):
-                gain = float(_median(ratio[free])) / float(single.median())
+                gain = float(_median(ratio[free])) / _f_ppf(0.5, *single)
         np.divide(lc, gain * lr, out=stat, where=lr > 0)
         # The per-pixel statistic is the ratio in per cent of its own CFAR threshold: occupied above 100.
         excess[at] = 100.0 * stat / np.float32(threshold)
