@@ -139,6 +139,20 @@ def test_registration_costs_skip_unused_taps_exactly() -> None:
         assert cost == float(np.median(np.sum(((cur - value) / scale) ** 2, axis=-1)))
 
 
+def test_the_sorting_networks_sort_every_input() -> None:
+    """The 0-1 principle: a comparator network that sorts every sequence of 0s and 1s sorts everything."""
+    import itertools
+
+    from railwatch.detect.change import SORT_NETWORKS
+
+    for k, pairs in SORT_NETWORKS.items():
+        for bits in itertools.product((0, 1), repeat=k):
+            v = list(bits)
+            for i, j in pairs:
+                v[i], v[j] = min(v[i], v[j]), max(v[i], v[j])
+            assert v == sorted(v), (k, bits)
+
+
 @pytest.mark.parametrize("layers", [1, 2, 5, 6, 7, 13])
 def test_nan_median_is_numpy_nanmedian(layers: int) -> None:
     import warnings
