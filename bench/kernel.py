@@ -14,7 +14,7 @@ For AOIs from 1 km² to 100 km² (400 km² with ``--full``) it
      store). The track masks (``AoiContext.build``) are built once per AOI and timed apart; the
      per-scene figure is the wall time between two progress callbacks, the median over the scenes
      analysed against a full reference (``reference_scenes`` earlier clear scenes), per sensor.
-     With read-ahead (``[imagery] read_ahead``, default 1; ``--read-ahead N`` sets it) the next
+     With read-ahead (``[imagery] read_ahead``, default 2; ``--read-ahead N`` sets it) the next
      scene is read and prepared in a background thread while one is analysed, so that wall time
      overlaps the next read; the CPU time per scene (``time.process_time()`` between the same
      callbacks: every thread of the process) is shown beside it, so overlap (wall below CPU) can be
@@ -498,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="measure in this process (no child processes: fast, but peak RSS is this process's)")
     ap.add_argument("--read-ahead", type=int, metavar="N",
                     help="[imagery] read_ahead of railwatch's backfill: scenes read in a background thread "
-                         "while one is analysed (default: the configuration's default, 1; 0: off)")
+                         "while one is analysed (default: the configuration's default, 2; 0: off)")
     ap.add_argument("--workdir", type=Path, help="where the archives are written (default: a temporary folder)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = ap.parse_args(argv)

@@ -3,9 +3,9 @@
 Baseline: median and MAD of the usable estimates of earlier observations of the same sensor and
 (for radar) the same orbit geometry within ``baseline_days`` (every geometry of the sensor while this
 one is short of history and reads at the others' level: ``geometry_baseline_fallback``), leaving out
-observations that were themselves elevated, so a surge does not raise its own baseline; the median ignores the odd
-outlier, and the spread is floored at counting noise (√(level + 1)) so a very steady history is not
-hair-trigger.
+observations that were themselves elevated, so a surge does not raise its own baseline; the median
+ignores the odd outlier, and the spread is floored at counting noise (√(level + 1)) so a very steady
+history is not hair-trigger.
 
 An alert opens when ``estimated_cars`` exceeds
 

@@ -133,7 +133,7 @@ class ImagerySettings(_Section):
     sensors: list[str] = Field(default_factory=lambda: list(COLLECTIONS))
     lookback_days: int = Field(30, ge=1, le=3650)
     read_ahead: int = Field(
-        1, ge=0, le=4,
+        2, ge=0, le=4,
         description="new scenes read (fetched and prepared) in a background thread while the current one is "
                     "analysed, in a backfill or a poll with several new scenes; 0: off")
     files: FilesSettings = Field(default_factory=FilesSettings)
@@ -188,7 +188,8 @@ class DetectorSettings(_Section):
                                 "was elevated too")
     geometry_baseline_fallback: bool = Field(
         True, description="a radar orbit geometry with fewer than min_history observations of its own is judged "
-                          "against the sensor's baseline (every geometry)")
+                          "against the sensor's baseline (every geometry) once three of its scenes read within 2x "
+                          "of the other geometries' level")
     single_scene_factor: float = Field(
         2.0, ge=1, description="a single scene opens an alert alone when its excess over the baseline is this many "
                                "times the threshold's")

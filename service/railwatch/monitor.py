@@ -85,7 +85,10 @@ class ReadAhead:
     would have read it, so results are those of a pass without read-ahead. Scene i+1 is started once
     scene i and its references are loaded (:meth:`loaded`): with ``depth`` 1 the provider sees the
     same calls in the same order, one at a time, and an error of scene i+1 (unreadable, quota spent,
-    outage) is raised when the main thread takes it. A scene already cached, or read ahead, is not
+    outage) is raised when the main thread takes it; with ``depth`` 2 (the default) the calls are still
+    one at a time, and a pass that stops on an outage or a spent quota at scene i may have asked for
+    scene i+1 as well (the same scenes, in the same order, as long as the cache holds the references).
+    A scene already cached, or read ahead, is not
     read ahead again. Closing cancels the reads not started and waits for the one running (at most
     one fetch); its result is dropped. ``depth`` 0, or a single scene, starts no thread. Memory: up
     to ``depth`` prepared scenes beyond the cache's budget, and the raw bands of the one being read.

@@ -30,11 +30,11 @@ def test_kernel_benchmark_runs_on_a_tiny_aoi(kernel: Any, tmp_path: Path, capsys
     assert kernel.main(["--sizes", "0.25", "--scenes", "4", "--repeat", "1", "--rw-repeat", "1", "--inline",
                         "--workdir", str(tmp_path), "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "rw/floor" in printed and "S2" in printed and "S1" in printed and "Read-ahead 1:" in printed
+    assert "rw/floor" in printed and "S2" in printed and "S1" in printed and "Read-ahead 2:" in printed
     assert "A pair of scenes (one per sensor), wall: 0.25 km²:" in printed and "x the floor's" in printed
     rows = json.loads(out.read_text(encoding="utf-8"))["rows"]
     (row,) = rows
-    assert row["read_ahead"] == 1  # the configuration's default
+    assert row["read_ahead"] == 2  # the configuration's default
     assert row["backfill_scenes"] == 8 and row["backfill_cpu_s"] > 0 and row["backfill_wall_s"] > 0
     assert row["track_px"] > 0 and row["grid_px"] > row["track_px"] and row["masks_s"] > 0
     assert set(row["statuses"]) == {"ok"}  # the synthetic scenes are clear

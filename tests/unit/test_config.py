@@ -116,8 +116,8 @@ def test_aoi_detector_overrides(tmp_path: Path) -> None:
         effective_detector(s, {"nonsense": 1})
 
 
-def test_read_ahead_defaults_to_one_scene_and_is_bounded(tmp_path: Path) -> None:
-    assert load_settings(environ={}, cwd=tmp_path).imagery.read_ahead == 1
+def test_read_ahead_defaults_to_two_scenes_and_is_bounded(tmp_path: Path) -> None:
+    assert load_settings(environ={}, cwd=tmp_path).imagery.read_ahead == 2
     p = write(tmp_path, "[imagery]\nread_ahead = 0\n")
     assert load_settings(p, environ={}, cwd=tmp_path).imagery.read_ahead == 0
     assert load_settings(p, environ={"RAILWATCH_IMAGERY__READ_AHEAD": "3"}, cwd=tmp_path).imagery.read_ahead == 3
