@@ -89,8 +89,9 @@ class ReadAhead:
     one at a time, and a pass that stops on an outage or a spent quota at scene i may have asked for
     scene i+1 as well (the same scenes, in the same order, as long as the cache holds the references).
     A scene already cached, or read ahead, is not read ahead again. Closing cancels the reads not
-    started and waits for the one running (at most one fetch); its result is dropped. ``depth`` 0, or a single scene, starts no thread. Memory: up
-    to ``depth`` prepared scenes beyond the cache's budget, and the raw bands of the one being read.
+    started and waits for the one running (at most one fetch); its result is dropped. ``depth`` 0, or
+    a single scene, starts no thread. Memory: up to ``depth`` prepared scenes beyond the cache's
+    budget, and the raw bands of the one being read.
     """
 
     def __init__(self, monitor: Monitor, ctx: AoiContext, refs: Sequence[SceneRef], cfg: DetectorSettings,
