@@ -547,6 +547,24 @@ def _taps(offset: float) -> list[tuple[int, float]]:
     return [(lo, 1.0)] if frac == 0 else [(lo, 1.0 - frac), (lo + 1, frac)]
 
 
+@lru_cache(maxsize=8)
+def _registration_batches(
+    offsets: tuple[tuple[float, float], ...],
+) -> list[list[tuple[tuple[int, int], npt.NDArray[np.float32]]]]:
+    """The batches of :func:`_registration_costs` for ``offsets``: per batch, each integer tap that some
+    offset of the batch uses and its weights (one per offset, shaped to broadcast over the pixels and
+    bands). The same for every scene, so computed once."""
+    taps = [(iy, ix) for iy in (-1, 0, 1) for ix in (-1, 0, 1)]
+    weights = np.zeros((len(offsets), len(taps)), np.float32)
+    for o, (dy, dx) in enumerate(offsets):
+        for iy, wy in _taps(dy):
+            for ix, wx in _taps(dx):
+                weights[o, taps.index((iy, ix))] = wy * wx
+    weights.setflags(write=False)  # shared by every call
+    return [[(tap, weights[batch, k][:, None, None]) for k, tap in enumerate(taps) if weights[batch, k].any()]
+            for batch in np.array_split(np.arange(len(offsets)), max(1, len(offsets) // 9))]
+
+
 def _registration_costs(
     offsets: Sequence[tuple[float, float]], cur: npt.NDArray[np.float32],
     read: Callable[[int, int], tuple[npt.NDArray[np.float32], B]], scale: npt.NDArray[np.float32],
@@ -559,18 +577,11 @@ def _registration_costs(
     offset on its own). A tap no offset of the batch uses is skipped: adding its zero products
     would not change a bit, and a batch of one row offset uses only three or six of the nine taps.
     """
-    taps = [(iy, ix) for iy in (-1, 0, 1) for ix in (-1, 0, 1)]
-    weights = np.zeros((len(offsets), len(taps)), np.float32)
-    for o, (dy, dx) in enumerate(offsets):
-        for iy, wy in _taps(dy):
-            for ix, wx in _taps(dx):
-                weights[o, taps.index((iy, ix))] = wy * wx
     costs: list[float] = []
-    for batch in np.array_split(np.arange(len(offsets)), max(1, len(offsets) // 9)):
-        value = np.zeros((batch.size, *cur.shape), np.float32)
-        for k, (iy, ix) in enumerate(taps):
-            if weights[batch, k].any():
-                value += weights[batch, k][:, None, None] * read(iy, ix)[0][None]
+    for used in _registration_batches(tuple(offsets)):
+        value = np.zeros((used[0][1].shape[0], *cur.shape), np.float32)
+        for (iy, ix), w in used:
+            value += w * read(iy, ix)[0][None]
         # The whitened squared residual summed over the bands, band by band in np.sum's order (the same
         # float32 numbers, without a reduction over a four-wide axis or a broadcast division: half the time).
         total = np.zeros(value.shape[:2], np.float32)
