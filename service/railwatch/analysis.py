@@ -25,6 +25,7 @@ from railwatch.detect import DETECTOR_VERSION
 from railwatch.detect.change import (
     Change,
     covered,
+    ndvi,
     optical_change,
     optical_reference,
     radar_change,
@@ -159,6 +160,9 @@ class Prepared:
     quality: Quality
     geometry_key: str
     grid: OnGrid | None = None
+    #: Optical: the NDVI on the zone (:func:`detect.change.ndvi`), computed once (in the read-ahead thread
+    #: when there is one) for the radiometric fits of every scene this one is a reference of.
+    ndvi: F32 | None = None
 
 
 def min_reference(collection: str, reference_scenes: int) -> int:
@@ -246,7 +250,8 @@ def prepare(ctx: AoiContext, ref: SceneRef, raster: Raster, cfg: DetectorSetting
     on_grid = OnGrid({b: to_float(bands[b]) for b in names}, clear) if keep_grid else None
     zone_bands = {b: to_float(ctx.zone.gather(bands[b])) for b in names}
     quality = Quality(q.status, q.reason, ctx.on_zone(clear) if zone is None else clear, q.fractions)
-    return Prepared(ref, zone_bands, quality, geometry_key(ref, tags), on_grid)
+    vegetation = ndvi(zone_bands) if "B04" in zone_bands and "B08" in zone_bands else None
+    return Prepared(ref, zone_bands, quality, geometry_key(ref, tags), on_grid, vegetation)
 
 
 def analyse(
@@ -348,7 +353,7 @@ def _zone_change(ctx: AoiContext, scene: Prepared, refs: Sequence[Prepared]) -> 
     stable = ctx.on_zone(ctx.stable) & q.clear
     if scene.ref.collection == S2:
         reference = optical_reference(scene.bands, [r.bands for r in refs], [r.quality.clear for r in refs], stable,
-                                      where=ctx.optical_reads)
+                                      where=ctx.optical_reads, ndvis=[scene.ndvi, *(r.ndvi for r in refs)])
         # Where some reference scene is clear (the NDVI bands cover every stable pixel; the others only
         # those the test reads).
         ref_ok = covered(reference)

@@ -145,9 +145,10 @@ class ReadAhead:
 
 
 def prepared_nbytes(p: Prepared) -> int:
-    """Bytes of pixels a prepared scene holds (its bands and its usable-pixel mask, on the zone and,
-    when kept, on the whole grid)."""
-    arrays = [*p.bands.values(), p.quality.clear, *((*p.grid.bands.values(), p.grid.clear) if p.grid else ())]
+    """Bytes of pixels a prepared scene holds (its bands, its usable-pixel mask and its NDVI on the zone
+    and, when kept, bands and mask on the whole grid)."""
+    arrays = [*p.bands.values(), p.quality.clear, p.ndvi,
+              *((*p.grid.bands.values(), p.grid.clear) if p.grid else ())]
     return int(sum(getattr(a, "nbytes", 0) for a in arrays))
 
 

@@ -374,7 +374,7 @@ def _mad_sigma(v: npt.NDArray[np.floating]) -> float:
     return float(1.4826 * _median(np.abs(v - _median(v))))
 
 
-def _ndvi(bands: dict[str, F32]) -> F32:
+def ndvi(bands: dict[str, F32]) -> F32:
     nir, red = bands["B08"].astype(np.float32), bands["B04"].astype(np.float32)
     out = np.zeros_like(nir)
     np.divide(nir - red, nir + red, out=out, where=(nir + red) > 1e-4)
@@ -393,8 +393,8 @@ def pseudo_invariant(current: dict[str, F32], reference: dict[str, F32], stable:
 
 
 def _ndvi_at(bands: dict[str, F32], idx: npt.NDArray[np.intp]) -> F32:
-    """The NDVI at the flat indices ``idx`` (the same numbers as :func:`_ndvi` there)."""
-    return _ndvi({b: _at(bands[b], idx) for b in ("B08", "B04")})
+    """The NDVI at the flat indices ``idx`` (the same numbers as :func:`ndvi` there)."""
+    return ndvi({b: _at(bands[b], idx) for b in ("B08", "B04")})
 
 
 def _invariant_at(
@@ -436,7 +436,7 @@ def _fit_candidates(reference: dict[str, F32], stable: B) -> B:
 
 def optical_reference(
     current: dict[str, F32], scenes: Sequence[dict[str, F32]], clear: Sequence[B], stable: B,
-    *, where: B | None = None,
+    *, where: B | None = None, ndvis: Sequence[F32 | None] | None = None,
 ) -> dict[str, F32]:
     """Median of the reference scenes, each first brought to the current scene's radiometry.
 
@@ -449,19 +449,29 @@ def optical_reference(
     :func:`optical_change` chooses its fit from — every one of them in the NDVI bands, which choose
     the pseudo-invariant pixels, the fit's sample in the other bands. At those pixels the values are
     exactly those of the whole computation, and so is the change measured.
+
+    ``ndvis`` (optional): the :func:`ndvi` of the current scene and then of each reference scene, over
+    the same pixels as the bands (a prepared scene's, computed once; None where not known): the same
+    numbers as computing it here.
     """
     bands = [b for b in OPTICAL_BANDS if b in current and all(b in s for s in scenes)]
     has_ndvi = covering_bands(bands) == ["B04", "B08"]
+    known = list(ndvis) if ndvis is not None else [None] * (1 + len(scenes))
+
+    def ndvi_at(i: int, of: dict[str, F32], at: npt.NDArray[np.intp]) -> F32:
+        pre = known[i]
+        return _at(pre, at) if pre is not None else _ndvi_at(of, at)
+
     idx = np.flatnonzero(stable)
-    ndvi_now = _ndvi_at(current, idx) if has_ndvi else None
+    ndvi_now = ndvi_at(0, current, idx) if has_ndvi else None
     fits: list[dict[str, tuple[float, float]]] = []
-    for scene, ok in zip(scenes, clear, strict=True):
+    for i, (scene, ok) in enumerate(zip(scenes, clear, strict=True), start=1):
         inside = _at(ok, idx)
         usable = idx[inside]  # = np.flatnonzero(stable & ok)
         # The pseudo-invariant pixels as indices (_invariant's mask, without building it).
         pif = usable
         if ndvi_now is not None:
-            pif = _invariant_at(usable, ndvi_now[inside], _ndvi_at(scene, usable), PIF_MINIMUM)
+            pif = _invariant_at(usable, ndvi_now[inside], ndvi_at(i, scene, usable), PIF_MINIMUM)
         fit = _spread(pif, REFERENCE_FIT_SAMPLE)
         fits.append({b: robust_fit(_at(scene[b], fit), _at(current[b], fit), REFERENCE_FIT_PASSES)
                      for b in bands})
