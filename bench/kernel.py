@@ -26,6 +26,9 @@ For AOIs from 1 km² to 100 km² (400 km² with ``--full``) it
    - **floor**: a bare ``rasterio`` read of the same bands plus one numpy pass (mean and count of
      the valid track pixels, pixel indices precomputed);
 
+   every method decodes the files' compressed blocks on the same number of GDAL threads: railwatch's
+   ``[imagery] read_threads`` (default 2; ``--read-threads N`` sets it);
+
 3. prints a table of medians (several repetitions for the peers and the floor), the ratios
    railwatch/floor, railwatch/rasterstats and railwatch/exactextract, and the time per million
    track pixels and per million grid pixels across sizes (linearity).
@@ -210,11 +213,12 @@ def _rss() -> int:
 
 
 def measure_railwatch(aoi_path: str, archive: str, workdir: str, cache_bytes: int | None = None,
-                      read_ahead: int | None = None) -> dict[str, Any]:
+                      read_ahead: int | None = None, read_threads: int | None = None) -> dict[str, Any]:
     """``Monitor.backfill`` over the archive; masks timed apart, per-scene wall and CPU times and fetch times.
 
     ``cache_bytes`` overrides the monitor's prepared-scene cache budget (for comparisons);
-    ``read_ahead`` sets ``[imagery] read_ahead`` (None: the configuration's default).
+    ``read_ahead`` sets ``[imagery] read_ahead`` and ``read_threads`` ``[imagery] read_threads`` (None: the
+    configuration's default).
     """
     from railwatch.config import Settings
     from railwatch.imagery.files import FilesProvider
@@ -224,14 +228,14 @@ def measure_railwatch(aoi_path: str, archive: str, workdir: str, cache_bytes: in
     aoi = load(Path(aoi_path))
     db = Path(workdir) / f"rw-{os.getpid()}-{time.monotonic_ns()}.db"
     store = Store(f"sqlite:///{db}")
-    settings = Settings.model_validate({"store": {"url": store.url},
-                                        "imagery": {} if read_ahead is None else {"read_ahead": read_ahead}})
+    imagery = {k: v for k, v in (("read_ahead", read_ahead), ("read_threads", read_threads)) if v is not None}
+    settings = Settings.model_validate({"store": {"url": store.url}, "imagery": imagery})
 
     class TimedFiles(FilesProvider):
         """Each fetch's duration, scene, and whether the read-ahead thread made it."""
 
-        def __init__(self, root: str) -> None:
-            super().__init__(root)
+        def __init__(self, root: str, read_threads: int) -> None:
+            super().__init__(root, read_threads=read_threads)
             self.fetches: list[float] = []
             self.scenes: list[tuple[str, datetime, bool]] = []
 
@@ -243,7 +247,7 @@ def measure_railwatch(aoi_path: str, archive: str, workdir: str, cache_bytes: in
                 self.fetches.append(time.perf_counter() - t)
                 self.scenes.append((ref.collection, ref.acquired, threading.current_thread() is not threading.main_thread()))
 
-    provider = TimedFiles(archive)
+    provider = TimedFiles(archive, read_threads=settings.imagery.read_threads)  # as `railwatch backfill` builds it
     monitor = Monitor(settings, store, provider)
     if cache_bytes is not None and hasattr(monitor, "cache_bytes"):
         monitor.cache_bytes = cache_bytes
@@ -285,7 +289,8 @@ def measure_railwatch(aoi_path: str, archive: str, workdir: str, cache_bytes: in
             "wall_s": wall, "cpu_s": cpu_total, "reads": len(provider.fetches),
             "cache_bytes": getattr(monitor, "cache_bytes", None),
             "reference_scenes": settings.detector.reference_scenes,
-            "read_ahead": getattr(settings.imagery, "read_ahead", 0)}
+            "read_ahead": getattr(settings.imagery, "read_ahead", 0),
+            "read_threads": getattr(settings.imagery, "read_threads", 1)}
 
 
 def _scene_files(archive: str, aoi_id_: str, collection: str) -> list[str]:
@@ -310,8 +315,13 @@ def _track_geometry(aoi: Any) -> Any:
     return reproject_geometry(shape(aoi_mod.track_buffer(aoi)), "OGC:CRS84", grid.crs), grid
 
 
-def measure_peer(method: str, aoi_path: str, files: Sequence[str], collection: str, repeat: int) -> dict[str, Any]:
+def measure_peer(method: str, aoi_path: str, files: Sequence[str], collection: str, repeat: int,
+                 threads: int = 1) -> dict[str, Any]:
     """Mean and count over the track of every band the detector reads, per scene file, ``repeat`` times.
+
+    ``threads``: GDAL threads decoding each file's blocks, as railwatch's ``[imagery] read_threads``: the
+    floor opens its files with that many, the peers read through GDAL with ``GDAL_NUM_THREADS`` set to it
+    (for this call only), so that every method decodes the same way.
 
     Returns the median seconds per scene over the repetitions and the last means (a sanity check:
     every method must agree on the same pixels' mean).
@@ -337,7 +347,7 @@ def measure_peer(method: str, aoi_path: str, files: Sequence[str], collection: s
         prepared["n"] = ys.size
 
         def run(path: str) -> dict[str, float]:
-            with rasterio.open(path) as ds:
+            with rasterio.open(path, **({"num_threads": threads} if threads > 1 else {})) as ds:
                 data = ds.read(indexes)
             px = data[:, ys, xs].astype(np.float64)
             if collection == S2:
@@ -374,13 +384,21 @@ def measure_peer(method: str, aoi_path: str, files: Sequence[str], collection: s
     rss0 = _rss()
     times: list[float] = []
     last: dict[str, float] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # rasterstats' and rasterio's deprecation notices
-        for _ in range(repeat):
-            for path in files:
-                t = time.perf_counter()
-                last = run(path)
-                times.append(time.perf_counter() - t)
+    previous = os.environ.get("GDAL_NUM_THREADS")
+    os.environ["GDAL_NUM_THREADS"] = str(threads)  # read by GDAL's GeoTIFF driver at each open
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # rasterstats' and rasterio's deprecation notices
+            for _ in range(repeat):
+                for path in files:
+                    t = time.perf_counter()
+                    last = run(path)
+                    times.append(time.perf_counter() - t)
+    finally:
+        if previous is None:
+            os.environ.pop("GDAL_NUM_THREADS", None)
+        else:
+            os.environ["GDAL_NUM_THREADS"] = previous
     return {"seconds": statistics.median(times), "runs": len(times), "last": last, "rss_start": rss0,
             "peak_rss": _peak_rss()}
 
@@ -408,7 +426,8 @@ def steady(scenes: Sequence[dict[str, Any]], collection: str) -> list[dict[str, 
 
 def bench_size(km2: float, work: Path, *, n_scenes: int, repeat: int, rw_repeat: int, inline: bool,
                methods: Sequence[str], log: Callable[[str], None],
-               spacing_m: float = TRACK_SPACING_M, read_ahead: int | None = None) -> dict[str, Any]:
+               spacing_m: float = TRACK_SPACING_M, read_ahead: int | None = None,
+               read_threads: int | None = None) -> dict[str, Any]:
     folder = work / aoi_id(km2, spacing_m)
     folder.mkdir(parents=True, exist_ok=True)
     archive = folder / "archive"
@@ -417,7 +436,7 @@ def bench_size(km2: float, work: Path, *, n_scenes: int, repeat: int, rw_repeat:
     t = time.perf_counter()
     n_written = write_archive(aoi, archive, n_scenes, n_scenes)
     log(f"  {aoi.id}: {n_written} scenes written in {time.perf_counter() - t:.1f} s")
-    runs = [_call(inline, measure_railwatch, str(aoi_path), str(archive), str(folder), None, read_ahead)
+    runs = [_call(inline, measure_railwatch, str(aoi_path), str(archive), str(folder), None, read_ahead, read_threads)
             for _ in range(rw_repeat)]
     rw = runs[0]
     row: dict[str, Any] = {"km2": km2, "spacing_m": spacing_m, "grid_px": rw["grid_px"], "track_px": rw["n_track"],
@@ -425,6 +444,7 @@ def bench_size(km2: float, work: Path, *, n_scenes: int, repeat: int, rw_repeat:
                            "railwatch_peak_rss": max(r["peak_rss"] for r in runs),
                            "railwatch_rss_start": rw["rss_start"], "statuses": rw["statuses"],
                            "railwatch_runs": len(runs), "read_ahead": rw["read_ahead"],
+                           "read_threads": rw["read_threads"],
                            "backfill_scenes": len(rw["scenes"]),
                            "backfill_wall_s": statistics.median(r["wall_s"] for r in runs),
                            "backfill_cpu_s": statistics.median(r["cpu_s"] for r in runs), "collections": {}}
@@ -441,7 +461,7 @@ def bench_size(km2: float, work: Path, *, n_scenes: int, repeat: int, rw_repeat:
         }
         for m in methods:
             try:
-                res = _call(inline, measure_peer, m, str(aoi_path), files, coll, repeat)
+                res = _call(inline, measure_peer, m, str(aoi_path), files, coll, repeat, rw["read_threads"])
             except ImportError as exc:
                 log(f"  {m} unavailable: {exc}")
                 continue
@@ -499,6 +519,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--read-ahead", type=int, metavar="N",
                     help="[imagery] read_ahead of railwatch's backfill: scenes read in a background thread "
                          "while one is analysed (default: the configuration's default, 2; 0: off)")
+    ap.add_argument("--read-threads", type=int, metavar="N",
+                    help="[imagery] read_threads of railwatch's backfill: GDAL threads decoding a scene's blocks; the "
+                         "floor and the peers decode with as many (default: the configuration's default, 2)")
     ap.add_argument("--workdir", type=Path, help="where the archives are written (default: a temporary folder)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = ap.parse_args(argv)
@@ -525,10 +548,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             t = time.perf_counter()
             rows.append(bench_size(km2, work, n_scenes=args.scenes, repeat=args.repeat, rw_repeat=args.rw_repeat,
                                    inline=args.inline, methods=args.methods, log=log, spacing_m=spacing,
-                                   read_ahead=args.read_ahead))
+                                   read_ahead=args.read_ahead, read_threads=args.read_threads))
             log(f"  {km2:g} km² (a line every {spacing:g} m) done in {time.perf_counter() - t:.0f} s")
     print("\nPer-scene medians (ms) in steady state (full reference); masks = AoiContext.build, once per AOI.")
     print("floor = rasterio read of the same bands + one numpy pass over the precomputed track pixels.")
+    threads = rows[0]["read_threads"] if rows else 1
+    print(f"GDAL decodes each file's blocks on {threads} thread(s) for every method ([imagery] read_threads; "
+          "GDAL_NUM_THREADS for the peers).")
     print("* = the same AOI with four times the track (a rail line every 250 m instead of every 1000 m).")
     print("(read) = railwatch's time in read_scene for the scene; files = scene files read per scene (1 + cache misses).")
     ahead = rows[0]["read_ahead"] if rows else 0

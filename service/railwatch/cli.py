@@ -205,7 +205,7 @@ def make_provider(settings: Any) -> Any:
 
     kind = settings.imagery.provider
     if kind == "files":
-        return FilesProvider(settings.imagery.files.root)
+        return FilesProvider(settings.imagery.files.root, read_threads=settings.imagery.read_threads)
     if kind == "sentinelhub":
         from railwatch.imagery.sentinelhub import SentinelHubProvider
 
@@ -926,7 +926,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with progress_bar("simulate", not args.no_progress) as prog:
         simulate(aoi, archive, days=args.days, seed=args.seed, end=end, surges=surges, progress=prog)
     store = Store(settings.store.url)
-    monitor = Monitor(settings, store, FilesProvider(archive))
+    monitor = Monitor(settings, store, FilesProvider(archive, read_threads=settings.imagery.read_threads))
     with progress_bar("backfill", not args.no_progress) as prog:
         result = monitor.backfill(aoi, notify=False, progress=prog)
     counts = _demo_counts(store, aoi.id, archive / aoi.id / "truth.csv", before=surge_start)

@@ -136,6 +136,10 @@ class ImagerySettings(_Section):
         2, ge=0, le=4,
         description="new scenes read (fetched and prepared) in a background thread while the current one is "
                     "analysed, in a backfill or a poll with several new scenes; 0: off")
+    read_threads: int = Field(
+        2, ge=1, le=16,
+        description="GDAL threads that decode one archived scene's compressed blocks (tiled GeoTIFFs of 256 x "
+                    "256 px and more); 1: the reading thread alone")
     files: FilesSettings = Field(default_factory=FilesSettings)
     sentinelhub: SentinelHubSettings = Field(default_factory=SentinelHubSettings)
     stac: StacSettings = Field(default_factory=StacSettings)

@@ -377,6 +377,7 @@ def _soak_archive(shipped: list[Path]) -> Path:
     """A simulated year of every shipped AOI, made once and kept in var/ (ignored by git): the
     simulation takes longer than the soak itself."""
     import hashlib
+    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     from tests.daemon_helpers import REPO
@@ -386,7 +387,9 @@ def _soak_archive(shipped: list[Path]) -> Path:
     root = REPO / "var" / "soak-archive" / key
     if (root / "complete").exists():
         return root
-    with ProcessPoolExecutor(max_workers=2) as pool:
+    # Spawned, not forked: a child forked from a process whose GDAL thread pool has run (reads with
+    # [imagery] read_threads > 1) can deadlock in GDAL (rasterio/rasterio#2979).
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
         list(pool.map(_simulate_one, [str(p) for p in shipped], [str(root)] * len(shipped)))
     (root / "complete").write_text("ok\n")
     return root

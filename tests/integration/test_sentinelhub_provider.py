@@ -431,6 +431,7 @@ def test_from_settings_presets_and_overrides(tmp_path: Path, monkeypatch: pytest
     assert provider._config.sh_base_url == "https://example.test"
     assert provider._config.max_download_attempts == s.imagery.sentinelhub.max_attempts
     assert provider._config.max_retries == s.imagery.sentinelhub.max_attempts
+    assert provider.read_threads == s.imagery.read_threads == 2
     assert "s3cret" not in repr(provider)
     assert not (tmp_path / "home" / ".config" / "sentinelhub").exists()  # never touched
     with pytest.raises(ConfigError, match=SECRET_VAR):

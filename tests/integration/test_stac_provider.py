@@ -166,6 +166,9 @@ def test_from_settings(tmp_path: Path) -> None:
     assert p.collections == {S1: S1_RTC}
     assert p.assets["VV"] == "vv-linear"
     assert p.assets["B02"] == "blue"
+    assert p.read_threads == 2  # [imagery] read_threads' default
+    s3 = Settings.model_validate({"imagery": {"provider": "stac", "read_threads": 3, "stac": s.imagery.stac.model_dump()}})
+    assert StacProvider.from_settings(s3).read_threads == 3
     with pytest.raises(ValueError, match="https"):
         Settings.model_validate({"imagery": {"stac": {"url": "http://example.com/stac"}}})
     with pytest.raises(ValueError, match="unknown band"):

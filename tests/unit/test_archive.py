@@ -139,6 +139,20 @@ def test_s1_round_trip_keeps_values_tags_and_nodata(tmp_path: Path) -> None:
     assert back.tags["RELATIVE_ORBIT"] == "61"
 
 
+@pytest.mark.parametrize("collection", [S2, S1])
+def test_several_decoding_threads_read_the_same_pixels(tmp_path: Path, collection: str) -> None:
+    # 600 x 700 px: written tiled (256 x 256 blocks), so GDAL has several blocks to decode at once.
+    raster = s2_raster(3, (600, 700)) if collection == S2 else s1_raster(3, (600, 700))
+    path = write_scene(tmp_path, "a", collection, T0, raster)
+    with rasterio.open(path) as ds:
+        assert ds.block_shapes[0] == (256, 256)
+    one, four = read_scene(path, collection), read_scene(path, collection, threads=4)
+    for band, arr in one.bands.items():
+        assert four.bands[band].dtype == arr.dtype
+        np.testing.assert_array_equal(four.bands[band], arr)
+    assert (four.crs, four.transform, four.tags) == (one.crs, one.transform, one.tags)
+
+
 def test_extra_bands_are_kept_after_the_required_ones(tmp_path: Path) -> None:
     raster = s2_raster()
     bands = {"B11": np.full(raster.shape, 7, np.uint16), **raster.bands}

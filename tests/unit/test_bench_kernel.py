@@ -34,7 +34,8 @@ def test_kernel_benchmark_runs_on_a_tiny_aoi(kernel: Any, tmp_path: Path, capsys
     assert "A pair of scenes (one per sensor), wall: 0.25 km²:" in printed and "x the floor's" in printed
     rows = json.loads(out.read_text(encoding="utf-8"))["rows"]
     (row,) = rows
-    assert row["read_ahead"] == 2  # the configuration's default
+    assert row["read_ahead"] == 2 and row["read_threads"] == 2  # the configuration's defaults
+    assert "GDAL decodes each file's blocks on 2 thread(s) for every method" in printed
     assert row["backfill_scenes"] == 8 and row["backfill_cpu_s"] > 0 and row["backfill_wall_s"] > 0
     assert row["track_px"] > 0 and row["grid_px"] > row["track_px"] and row["masks_s"] > 0
     assert set(row["statuses"]) == {"ok"}  # the synthetic scenes are clear

@@ -129,3 +129,20 @@ def test_read_ahead_defaults_to_two_scenes_and_is_bounded(tmp_path: Path) -> Non
         assert expected in str(err.value)
     with pytest.raises(ConfigError, match=r"\[imagery\] read_ahead: Input should be less than or equal to 4"):
         load_settings(p, environ={"RAILWATCH_IMAGERY__READ_AHEAD": "8"}, cwd=tmp_path)
+
+
+def test_read_threads_default_to_two_and_are_bounded(tmp_path: Path) -> None:
+    assert load_settings(environ={}, cwd=tmp_path).imagery.read_threads == 2
+    p = write(tmp_path, "[imagery]\nread_threads = 1\n")
+    assert load_settings(p, environ={}, cwd=tmp_path).imagery.read_threads == 1
+    for bad in (0, 17):
+        with pytest.raises(ConfigError, match=r"\[imagery\] read_threads: "):
+            load_settings(write(tmp_path, f"[imagery]\nread_threads = {bad}\n"), environ={}, cwd=tmp_path)
+
+
+def test_the_files_provider_decodes_with_the_configured_threads(tmp_path: Path) -> None:
+    from railwatch.cli import make_provider
+
+    p = write(tmp_path, f"[imagery]\nread_threads = 3\n[imagery.files]\nroot = \"{tmp_path / 'archive'}\"\n")
+    provider = make_provider(load_settings(p, environ={}, cwd=tmp_path))
+    assert provider.read_threads == 3 and provider.root == tmp_path / "archive"

@@ -89,17 +89,19 @@ def orbit_tags(ref: SceneRef) -> dict[str, str]:
     return tags
 
 
-def cached_fetch(root: Path | str, aoi_id: str, ref: SceneRef, download: Callable[[], Raster]) -> Raster:
+def cached_fetch(root: Path | str, aoi_id: str, ref: SceneRef, download: Callable[[], Raster], *,
+                 threads: int = 1) -> Raster:
     """A network provider's fetch through the archive: the archived scene if there is one, else
     ``download()`` written into the archive first and read back, so that every scene a provider
-    returns has passed the same reader and validation as a local one, and is never fetched twice."""
+    returns has passed the same reader and validation as a local one, and is never fetched twice.
+    ``threads``: :func:`read_scene`'s."""
     path = scene_path(root, aoi_id, ref.collection, ref.acquired)
     if path.exists():
         log.debug("%s already archived at %s; no request", ref.scene_id, path)
-        return read_scene(path, ref.collection)
+        return read_scene(path, ref.collection, threads=threads)
     written = write_scene(root, aoi_id, ref.collection, ref.acquired, download())
     log.info("archived %s (%s)", ref.scene_id, written, extra={"aoi": aoi_id, "scene": ref.scene_id})
-    return read_scene(written, ref.collection)
+    return read_scene(written, ref.collection, threads=threads)
 
 
 def parse_scene_filename(name: str) -> tuple[str, datetime] | None:
@@ -196,12 +198,14 @@ def _fail(path: Path, reason: str) -> SceneUnreadable:
     return SceneUnreadable(f"{path}: {reason}")
 
 
-def read_scene(path: Path | str, collection: str) -> Raster:
+def read_scene(path: Path | str, collection: str, *, threads: int = 1) -> Raster:
     """Read and validate one archive scene; raise ``SceneUnreadable`` with the precise reason.
 
     Bands are found by their GDAL descriptions (case-sensitive). Sentinel-2 bands come back as
     uint16 (SCL as uint8); Sentinel-1 bands as float32 with nodata (0 or the file's nodata value)
-    as NaN. Tags include ``ORBIT_DIRECTION``/``RELATIVE_ORBIT`` when the file has them.
+    as NaN. Tags include ``ORBIT_DIRECTION``/``RELATIVE_ORBIT`` when the file has them. ``threads`` > 1
+    lets GDAL decode the file's compressed blocks on that many threads (``[imagery] read_threads``; the
+    same pixels, read sooner when a scene has several blocks).
     """
     import rasterio
     from rasterio.errors import RasterioError
@@ -213,7 +217,7 @@ def read_scene(path: Path | str, collection: str) -> Raster:
     try:
         with contextlib.ExitStack() as stack:
             with quiet_warnings():  # a file without georeferencing warns on open; we report it as a reason instead
-                ds = stack.enter_context(rasterio.open(path))
+                ds = stack.enter_context(rasterio.open(path, **({"num_threads": threads} if threads > 1 else {})))
                 if ds.driver != "GTiff":
                     raise _fail(path, f"not a GeoTIFF / corrupt: GDAL opened it as {ds.driver}")
                 descriptions = [d or "" for d in ds.descriptions]

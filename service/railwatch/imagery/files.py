@@ -20,8 +20,10 @@ class FilesProvider:
 
     name = "files"
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, *, read_threads: int = 1) -> None:
         self.root = Path(root)
+        #: GDAL threads decoding one scene (``[imagery] read_threads``, :func:`read_scene`).
+        self.read_threads = read_threads
         self.problems: list[tuple[Path, str]] = []
 
     def __repr__(self) -> str:
@@ -39,4 +41,4 @@ class FilesProvider:
     def fetch(self, aoi: Aoi, ref: SceneRef) -> Raster:
         """Read and validate one scene (``SceneUnreadable`` with the reason if it breaks the contract)."""
         path = Path(ref.source) if ref.source else scene_path(self.root, aoi.id, ref.collection, ref.acquired)
-        return read_scene(path, ref.collection)
+        return read_scene(path, ref.collection, threads=self.read_threads)

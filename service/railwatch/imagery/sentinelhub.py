@@ -408,10 +408,12 @@ class SentinelHubProvider:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         rng: random.Random | None = None,
+        read_threads: int = 1,
     ) -> None:
         from sentinelhub import SHConfig
 
         self.archive_root = Path(archive_root)
+        self.read_threads = read_threads  # GDAL threads decoding an archived scene ([imagery] read_threads)
         self.base_url = base_url.rstrip("/")
         self.token_url = token_url
         self.secret_env = secret_env
@@ -468,6 +470,7 @@ class SentinelHubProvider:
         base, token = endpoints(settings)
         kwargs: dict[str, Any] = dict(
             client_id=sh.client_id, client_secret=secret, archive_root=settings.imagery.files.root,
+            read_threads=settings.imagery.read_threads,
             base_url=base, token_url=token, secret_env=sh.client_secret_env,
             max_scene_cloud_percent=sh.max_scene_cloud_percent, max_attempts=sh.max_attempts,
             backoff_seconds=sh.backoff_seconds, backoff_max_seconds=sh.backoff_max_seconds,
@@ -711,7 +714,8 @@ class SentinelHubProvider:
     def fetch(self, aoi: Aoi, ref: SceneRef) -> Raster:
         """The scene on the AOI grid: from the archive if it is there, else one Process API request
         whose answer is archived first and read back."""
-        return cached_fetch(self.archive_root, aoi.id, ref, lambda: self._download(aoi, ref))
+        return cached_fetch(self.archive_root, aoi.id, ref, lambda: self._download(aoi, ref),
+                            threads=self.read_threads)
 
     def _download(self, aoi: Aoi, ref: SceneRef) -> Raster:
         grid = aoi_grid(aoi)

@@ -82,9 +82,11 @@ class StacProvider:
         backoff_seconds: float = 2.0,
         timeout_seconds: float = 120.0,
         method: str = "POST",
+        read_threads: int = 1,
     ) -> None:
         self.url = url.rstrip("/")
         self.archive_root = Path(archive_root)
+        self.read_threads = read_threads  # GDAL threads decoding an archived scene ([imagery] read_threads)
         self.collections = dict(collections)
         self.assets = {**DEFAULT_ASSETS, **(assets or {})}
         self.max_scene_cloud_percent = max_scene_cloud_percent
@@ -101,7 +103,8 @@ class StacProvider:
     def from_settings(cls, settings: Settings, **overrides: Any) -> StacProvider:
         st = settings.imagery.stac
         kwargs: dict[str, Any] = dict(
-            url=st.url, archive_root=settings.imagery.files.root, collections=st.collections, assets=st.assets,
+            url=st.url, archive_root=settings.imagery.files.root, read_threads=settings.imagery.read_threads,
+            collections=st.collections, assets=st.assets,
             max_scene_cloud_percent=st.max_scene_cloud_percent, page_size=st.page_size,
             max_attempts=st.max_attempts, backoff_seconds=st.backoff_seconds, timeout_seconds=st.timeout_seconds,
         )
@@ -274,7 +277,8 @@ class StacProvider:
     def fetch(self, aoi: Aoi, ref: SceneRef) -> Raster:
         """The scene on the AOI grid: from the archive if it is there, else read from the COGs,
         archived first and read back."""
-        return cached_fetch(self.archive_root, aoi.id, ref, lambda: self._download(aoi, ref))
+        return cached_fetch(self.archive_root, aoi.id, ref, lambda: self._download(aoi, ref),
+                            threads=self.read_threads)
 
     def _download(self, aoi: Aoi, ref: SceneRef) -> Raster:
         if not (ref.extra or {}).get("items"):
