@@ -37,7 +37,7 @@ bench-accuracy: $(STAMP)
 	$(BIN)/python bench/accuracy/run.py $(ARGS)
 
 # Performance benchmarks (issue 8; bench/README.md): each prints its table with ratios measured in
-# the same run. `make bench` takes about 7 minutes on 2 cores; `make bench-full` adds the 400 km²
+# the same run. `make bench` takes about 6 minutes on 2 cores; `make bench-full` adds the 400 km²
 # and 1000-AOI cases (44 min on 2 cores). Peers (rasterstats, exactextract) come with the `bench` extra.
 BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP)
