@@ -153,6 +153,26 @@ def test_several_decoding_threads_read_the_same_pixels(tmp_path: Path, collectio
     assert (four.crs, four.transform, four.tags) == (one.crs, one.transform, one.tags)
 
 
+def test_scenes_are_written_with_zstd_or_deflate_where_gdal_has_no_zstd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from railwatch.imagery import archive
+
+    raster = s2_raster(4, (300, 300))
+    path = write_scene(tmp_path / "a", "a", S2, T0, raster)
+    with rasterio.open(path) as ds:
+        assert ds.compression is not None and ds.compression.value.upper() == archive.default_codec().upper()
+    assert archive.default_codec() == "zstd"  # rasterio's wheels carry it; a build without it falls back below
+    monkeypatch.setattr(archive, "default_codec", lambda: "deflate")
+    path = write_scene(tmp_path / "b", "a", S2, T0, raster)
+    with rasterio.open(path) as ds:
+        assert ds.compression.value.upper() == "DEFLATE"
+    for p in (tmp_path / "a", tmp_path / "b"):  # lossless either way
+        back = read_scene(scene_path(p, "a", S2, T0), S2)
+        for band, arr in raster.bands.items():
+            np.testing.assert_array_equal(back.bands[band], arr)
+
+
 def test_extra_bands_are_kept_after_the_required_ones(tmp_path: Path) -> None:
     raster = s2_raster()
     bands = {"B11": np.full(raster.shape, 7, np.uint16), **raster.bands}
