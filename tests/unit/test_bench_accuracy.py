@@ -67,3 +67,16 @@ def test_detector_overrides_are_checked(run: Any, tmp_path: Path, capsys: pytest
         run.main(["--split", "tune", "--rescore", "--work", str(_saved(tmp_path)), "--detector", arg])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_best_scale_per_archive_separates_calibration_from_count_error(run: Any) -> None:
+    truth = [5, 10, 12, 20, 40]
+    assert run._best_scale([2.0 * t for t in truth], truth) == pytest.approx(0.5, rel=0.01)
+    scenes = [_scene(d, 3.0 * t, t) for d, t in enumerate([8, 10, 12, 14, 30, 10, 9, 11], start=1)]
+    case = {"case": {"aoi": "a", "seed": 1, "quiet": False}, "name": "a_1", "scenes": scenes, "alerts": [],
+            "surges": [], "counts": [("sentinel-1-grd", "2024-01-01T09:00:00Z", 8)], "calibration": {}, "seconds": {}}
+    r = run.score([case], "sentinel-1-grd")
+    assert r["mape"] == pytest.approx(2.0)  # read 3x: a calibration that missed by 3x
+    assert r["best_scale_mape"] < 0.02 and r["best_scale_spearman"] == pytest.approx(1.0)
+    row = next(line for line in run.table({"Sentinel-1": r}).splitlines() if line.startswith("| oracle: best scale"))
+    assert "1 % / " in row or "0 % / " in row
