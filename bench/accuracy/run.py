@@ -202,6 +202,7 @@ def run_case(case: Case, work_root: Path) -> dict[str, Any]:
     truth = {(r["sensor"], r["acquired"]): r for r in truth_rows}
     surges = _read_csv(folder / "surges.csv")
     history = json.loads(_cli(["history", "--aoi", case.aoi, "--format", "json"], config, log))
+    before = {(r["sensor"], r["acquired"]): r for r in history}  # the physical model alone
     counts = calibration_counts(history, truth)
     counts_csv = work / "counts.csv"
     counts_csv.write_text("acquired,cars\n" + "".join(f"{a},{c}\n" for _, a, c in counts), encoding="utf-8")
@@ -219,6 +220,8 @@ def run_case(case: Case, work_root: Path) -> dict[str, Any]:
             "alert": r["alert"], "truth": int(t["cars"]), "cloud": float(t["cloud_fraction"]),
             "snow": t["snow"] == "true", "surge": int(t["surge"]), "haze": haze.get(r["acquired"], 0.0),
             "calibration": (r["sensor"], r["acquired"]) in {(s, a) for s, a, _ in counts},
+            "uncalibrated": [before[(r["sensor"], r["acquired"])][k]
+                             for k in ("estimated_cars", "estimated_cars_low", "estimated_cars_high")],
         })
     return {
         "case": asdict(case), "name": case.name, "surges": surges, "scenes": scenes,
@@ -348,6 +351,10 @@ def score(cases: list[dict[str, Any]], sensor: str | None) -> dict[str, Any]:
     tru = [float(s["truth"]) for s in clear]
     surge = [(float(s["est"]), float(s["truth"])) for s in clear if s["surge"]]
     covered = [s["low"] <= s["truth"] <= s["high"] for s in clear if s["low"] is not None and s["high"] is not None]
+    # The same intervals before calibration (the physical model alone), where the run recorded them.
+    raw = [s["uncalibrated"] for s in clear if s.get("uncalibrated") and None not in s["uncalibrated"]]
+    covered_raw = [lo <= t <= hi for (_e, lo, hi), t in zip(raw, (s["truth"] for s in clear
+                   if s.get("uncalibrated") and None not in s["uncalibrated"]), strict=True)]
     # The naive guess: the usual level, i.e. the median of the AOI's own calibration counts, for every scene.
     naive_e, naive_t, naive_se, naive_st = [], [], [], []
     for c in cases:
@@ -386,6 +393,7 @@ def score(cases: list[dict[str, Any]], sensor: str | None) -> dict[str, Any]:
                                      [e for e, t in zip(est, tru, strict=True) if t < FULL_YARD]),
         "full_yard_scenes": sum(1 for t in tru if t >= FULL_YARD),
         "coverage80": statistics.fmean(covered) if covered else math.nan,
+        "coverage80_uncalibrated": statistics.fmean(covered_raw) if covered_raw else math.nan,
         "naive_mape": _mape(naive_e, naive_t),
         "naive_surge_mape": _mape(naive_se, naive_st),
         "best_scale_mape": _mape(best_e, best_t),
@@ -459,6 +467,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         ("AUC full yard (>=40) vs ordinary (naive 0.50)", None, False,
          lambda r: f"{_fmt(r['auc_full_vs_ordinary'])} (n={r['full_yard_scenes']})" if "mape" in r else "–"),
         ("80 % interval coverage", "coverage80", True, None),
+        ("80 % interval coverage before calibration (physical model alone)", "coverage80_uncalibrated", True, None),
         ("oracle: best scale per archive (all truth): MAPE / surge MAPE / Spearman", None, False,
          lambda r: (f"{_fmt(r['best_scale_mape'], True)} / {_fmt(r['best_scale_surge_mape'], True)} / "
                     f"{_fmt(r['best_scale_spearman'])}") if "mape" in r else "–"),

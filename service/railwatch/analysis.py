@@ -23,6 +23,7 @@ from railwatch import aoi as aoi_mod
 from railwatch.config import DetectorSettings
 from railwatch.detect import DETECTOR_VERSION
 from railwatch.detect.change import (
+    RADAR_WINDOW,
     Change,
     covered,
     ndvi,
@@ -76,12 +77,12 @@ class AoiContext:
     grid: Grid
     track: B
     stable: B
-    metres_per_pixel: float
+    metres_per_pixel: float  # metres of centreline per track pixel a consist lights (radar; aoi.lit_pixels)
     #: The pixels the change test can read (see :func:`change_zone`), with a window around every
     #: track pixel; prepared scenes hold their bands as vectors over it.
     zone: Zone
     core: B | None = None
-    metres_per_core_pixel: float = 10.0
+    metres_per_core_pixel: float = 10.0  # the same among the core pixels (optical)
 
     @classmethod
     def build(cls, aoi: Aoi, half_width_m: float | None = None) -> AoiContext:
@@ -92,19 +93,23 @@ class AoiContext:
         inside = aoi_mod.aoi_mask(aoi, grid.crs, grid.transform, grid.shape)
         near_track = ndimage.binary_dilation(track, iterations=2)
         n = int(track.sum())
-        length = aoi_mod.track_length_m(aoi)
-        metres = length / n if n else 10.0
         coverage = aoi_mod.track_coverage(aoi, grid.crs, grid.transform, grid.shape, half_width_m=width)
         core = track & (coverage >= CORE_COVERAGE)
         if n == 0 or core.sum() < MIN_CORE_SHARE * n:
             core = track
-        n_core = int(core.sum())
         stable = inside & ~near_track
-        return cls(aoi, grid, track, stable, metres, Zone.build(change_zone(track, stable), track), core,
-                   length / n_core if n_core else 10.0)
+        # Metres of centreline per pixel a consist lights (docs/detector.md §5): radar averages a window of
+        # track pixels, so a consist lights the track pixels within half a window of its centreline, those of
+        # a neighbouring track of a yard included; optical tests each core pixel on its own.
+        lit_radar, length = aoi_mod.lit_pixels(aoi, grid.crs, grid.transform, grid.shape, track, RADAR_WINDOW // 2)
+        lit_optical, _ = aoi_mod.lit_pixels(aoi, grid.crs, grid.transform, grid.shape, core, 0)
+        return cls(aoi, grid, track, stable, length / lit_radar if lit_radar else 10.0,
+                   Zone.build(change_zone(track, stable), track), core,
+                   length / lit_optical if lit_optical else 10.0)
 
     def detection_mask(self, collection: str) -> tuple[npt.NDArray[np.bool_], float]:
-        """The pixels a sensor's occupancy test runs on, and the metres of centreline per such pixel.
+        """The pixels a sensor's occupancy test runs on, and the metres of centreline per pixel a consist
+        lights among them (:func:`railwatch.aoi.lit_pixels`, docs/detector.md §5).
 
         Optical tests the core pixels (the edge pixels also see the fields beside the track); radar
         every track pixel — its 20 m resolution mixes the fields in anyway, and on the tuning seeds the

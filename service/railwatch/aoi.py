@@ -25,6 +25,7 @@ import shapely
 from affine import Affine
 from pyproj import Geod
 from rasterio import features as rio_features
+from scipy import ndimage
 from shapely.errors import GEOSException
 from shapely.geometry import LineString, MultiLineString, MultiPolygon, Polygon, mapping, shape
 from shapely.geometry.base import BaseGeometry
@@ -684,6 +685,46 @@ def track_length_m(aoi: Aoi) -> float:
     """Total length of the (clipped) tracks in metres, measured in the AOI's UTM zone."""
     return float(sum(reproject_geometry(shapely.segmentize(shape(t), _SEGMENT_DEG), "OGC:CRS84", _aoi_utm(aoi)).length
                      for t in aoi.tracks))
+
+
+def lit_pixels(aoi: Aoi, crs: Any, transform: Any, shape: tuple[int, int], tested: npt.NDArray[np.bool_],
+               reach: int) -> tuple[int, float]:
+    """How many ``tested`` pixels a consist on each centreline lights, summed over the centrelines, and
+    their total length in metres (the AOI's UTM zone).
+
+    A centreline's pixels (every pixel it touches) grown by ``reach`` pixels in every direction (a
+    (2·reach + 1)² square: the radar test's window) are the pixels a consist standing on it lights; those
+    that are ``tested`` count. Tracks of a yard a few metres apart share pixels and windows, so a pixel
+    lit by a consist on one track counts once for that track only: the occupied length of the estimate
+    is (occupied pixels) / (lit pixels per metre of centreline), not (occupied pixels) x (centreline per
+    tested pixel), which counts a shared pixel once for every track through it (docs/detector.md §5).
+    Each centreline is drawn in its own window of the grid, so the cost follows the track.
+    """
+    utm = _aoi_utm(aoi)
+    lines_utm = _tracks_utm(aoi, utm)
+    parts_utm = [g for g in getattr(lines_utm, "geoms", [lines_utm]) if not g.is_empty]
+    height, width = int(shape[0]), int(shape[1])
+    lit = 0
+    length = 0.0
+    box = np.ones((2 * reach + 1, 2 * reach + 1), bool)
+    a, b, c, d, e, f = tuple(transform)[:6]
+    to_pixel = ~Affine(a, b, c, d, e, f)
+    for part in parts_utm:
+        length += float(part.length)
+        line = reproject_geometry(part, utm, crs)
+        r0, r1, c0, c1 = _pixel_window(line.bounds, to_pixel, (height, width))
+        if r1 <= r0 or c1 <= c0:
+            continue
+        r0, c0 = max(0, r0 - reach - 1), max(0, c0 - reach - 1)
+        r1, c1 = min(height, r1 + reach + 1), min(width, c1 + reach + 1)
+        # The window's transform: the grid's, moved to the window's top-left pixel.
+        window = Affine(a, b, c + a * c0 + b * r0, d, e, f + d * c0 + e * r0)
+        path = rio_features.rasterize([(mapping(line), 1)], out_shape=(r1 - r0, c1 - c0), transform=window,
+                                      all_touched=True, dtype="uint8").astype(bool)
+        if reach > 0:
+            path = ndimage.binary_dilation(path, structure=box)
+        lit += int(np.count_nonzero(path & tested[r0:r1, c0:c1]))
+    return lit, length
 
 
 def area_km2(aoi: Aoi) -> float:

@@ -597,3 +597,34 @@ def test_track_buffer_is_lonlat_geojson(tmp_path: Path) -> None:
     assert W <= minx < 130.603
     assert 130.617 < maxx <= E
     assert miny == pytest.approx(42.415 - 6.0 / meridian_m(42.415, 1.0), abs=2e-6)
+
+
+def test_a_consist_lights_the_pixels_of_a_neighbouring_track_once_per_track(tmp_path: Path) -> None:
+    """The car estimate's pixels per metre (docs/detector.md §5): one track alone lights its own band; a
+    second track 5.6 m away shares the pixels and the windows, so each track's consist lights both bands."""
+    from railwatch.aoi import lit_pixels
+
+    one = base_doc("one")
+    one["features"] = [f for f in one["features"] if f["properties"].get("name") != "siding"]
+    single, _w = load_aoi(write(tmp_path, one, "one"))
+    double, _w = load_aoi(write(tmp_path, base_doc("two"), "two"))
+    for aoi in (single, double):
+        grid = aoi_grid(aoi)
+        tracks = track_mask(aoi, grid.crs, grid.transform, grid.shape)
+        lit_window, length = lit_pixels(aoi, grid.crs, grid.transform, grid.shape, tracks, 2)
+        lit_own, length_own = lit_pixels(aoi, grid.crs, grid.transform, grid.shape, tracks, 0)
+        assert length == pytest.approx(track_length_m(aoi), rel=1e-6) and length_own == length
+        # A 5 x 5 window reaches the whole band (the track's 12 m and the neighbour's) from the centreline.
+        assert lit_window == pytest.approx(tracks.sum() * len(aoi.tracks), rel=0.02)
+        assert lit_own <= lit_window
+    # Metres of centreline per lit pixel: the same for one track as metres per track pixel; with two tracks
+    # sharing a band, half of it (the old model counted each shared pixel once for each track through it).
+    g1, g2 = aoi_grid(single), aoi_grid(double)
+    n1 = track_mask(single, g1.crs, g1.transform, g1.shape).sum()
+    n2 = track_mask(double, g2.crs, g2.transform, g2.shape).sum()
+    m1 = track_length_m(single) / lit_pixels(single, g1.crs, g1.transform, g1.shape,
+                                             track_mask(single, g1.crs, g1.transform, g1.shape), 2)[0]
+    m2 = track_length_m(double) / lit_pixels(double, g2.crs, g2.transform, g2.shape,
+                                             track_mask(double, g2.crs, g2.transform, g2.shape), 2)[0]
+    assert m1 == pytest.approx(track_length_m(single) / n1, rel=0.02)
+    assert m2 == pytest.approx(track_length_m(double) / n2 / 2, rel=0.02)

@@ -33,4 +33,8 @@ from __future__ import annotations
 #: scenes) against its sensor's baseline once three of its scenes read within 2x of the other geometries'
 #: level (``geometry_baseline_fallback``); decisions change, and with them the few counts whose
 #: references changed (a scene judged elevated is not a reference).
-DETECTOR_VERSION = "2.6.0"
+#: 2.7.0: occupied pixels become length at the metres of centreline per pixel a consist lights (its own track's
+#: pixels and, through the radar window, a neighbouring track's: ``aoi.lit_pixels``), not per tested pixel,
+#: which counted a yard's shared pixel once for every track through it; an AOI's estimates change by a
+#: constant factor (the shipped AOIs' radar 2.5-6.5x lower, optical about 2x), which calibration absorbs.
+DETECTOR_VERSION = "2.7.0"
