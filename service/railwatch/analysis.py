@@ -101,8 +101,8 @@ class AoiContext:
         # Metres of centreline per pixel a consist lights (docs/detector.md §5): radar averages a window of
         # track pixels, so a consist lights the track pixels within half a window of its centreline, those of
         # a neighbouring track of a yard included; optical tests each core pixel on its own.
-        lit_radar, length = aoi_mod.lit_pixels(aoi, grid.crs, grid.transform, grid.shape, track, RADAR_WINDOW // 2)
-        lit_optical, _ = aoi_mod.lit_pixels(aoi, grid.crs, grid.transform, grid.shape, core, 0)
+        (lit_radar, lit_optical), length = aoi_mod.lit_pixels(aoi, grid.crs, grid.transform, grid.shape,
+                                                              [(track, RADAR_WINDOW // 2), (core, 0)])
         return cls(aoi, grid, track, stable, length / lit_radar if lit_radar else 10.0,
                    Zone.build(change_zone(track, stable), track), core,
                    length / lit_optical if lit_optical else 10.0)

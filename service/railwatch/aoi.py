@@ -687,10 +687,10 @@ def track_length_m(aoi: Aoi) -> float:
                      for t in aoi.tracks))
 
 
-def lit_pixels(aoi: Aoi, crs: Any, transform: Any, shape: tuple[int, int], tested: npt.NDArray[np.bool_],
-               reach: int) -> tuple[int, float]:
-    """How many ``tested`` pixels a consist on each centreline lights, summed over the centrelines, and
-    their total length in metres (the AOI's UTM zone).
+def lit_pixels(aoi: Aoi, crs: Any, transform: Any, shape: tuple[int, int],
+               tests: Sequence[tuple[npt.NDArray[np.bool_], int]]) -> tuple[list[int], float]:
+    """For each test (``tested`` mask, ``reach``), how many tested pixels a consist on each centreline
+    lights, summed over the centrelines; and the centrelines' total length in metres (the AOI's UTM zone).
 
     A centreline's pixels (every pixel it touches) grown by ``reach`` pixels in every direction (a
     (2·reach + 1)² square: the radar test's window) are the pixels a consist standing on it lights; those
@@ -698,15 +698,15 @@ def lit_pixels(aoi: Aoi, crs: Any, transform: Any, shape: tuple[int, int], teste
     lit by a consist on one track counts once for that track only: the occupied length of the estimate
     is (occupied pixels) / (lit pixels per metre of centreline), not (occupied pixels) x (centreline per
     tested pixel), which counts a shared pixel once for every track through it (docs/detector.md §5).
-    Each centreline is drawn in its own window of the grid, so the cost follows the track.
+    Each centreline is drawn once, in its own window of the grid, so the cost follows the track.
     """
     utm = _aoi_utm(aoi)
     lines_utm = _tracks_utm(aoi, utm)
     parts_utm = [g for g in getattr(lines_utm, "geoms", [lines_utm]) if not g.is_empty]
     height, width = int(shape[0]), int(shape[1])
-    lit = 0
+    lit = [0] * len(tests)
     length = 0.0
-    box = np.ones((2 * reach + 1, 2 * reach + 1), bool)
+    pad = max((reach for _, reach in tests), default=0) + 1
     a, b, c, d, e, f = tuple(transform)[:6]
     to_pixel = ~Affine(a, b, c, d, e, f)
     for part in parts_utm:
@@ -715,15 +715,13 @@ def lit_pixels(aoi: Aoi, crs: Any, transform: Any, shape: tuple[int, int], teste
         r0, r1, c0, c1 = _pixel_window(line.bounds, to_pixel, (height, width))
         if r1 <= r0 or c1 <= c0:
             continue
-        r0, c0 = max(0, r0 - reach - 1), max(0, c0 - reach - 1)
-        r1, c1 = min(height, r1 + reach + 1), min(width, c1 + reach + 1)
+        r0, c0, r1, c1 = max(0, r0 - pad), max(0, c0 - pad), min(height, r1 + pad), min(width, c1 + pad)
         # The window's transform: the grid's, moved to the window's top-left pixel.
         window = Affine(a, b, c + a * c0 + b * r0, d, e, f + d * c0 + e * r0)
-        path = rio_features.rasterize([(mapping(line), 1)], out_shape=(r1 - r0, c1 - c0), transform=window,
-                                      all_touched=True, dtype="uint8").astype(bool)
-        if reach > 0:
-            path = ndimage.binary_dilation(path, structure=box)
-        lit += int(np.count_nonzero(path & tested[r0:r1, c0:c1]))
+        path = _burn(line, window, (r1 - r0, c1 - c0), all_touched=True)
+        for i, (tested, reach) in enumerate(tests):
+            grown = ndimage.binary_dilation(path, structure=np.ones((2 * reach + 1,) * 2, bool)) if reach else path
+            lit[i] += int(np.count_nonzero(grown & tested[r0:r1, c0:c1]))
     return lit, length
 
 
