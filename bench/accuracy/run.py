@@ -345,16 +345,19 @@ def score(cases: list[dict[str, Any]], sensor: str | None) -> dict[str, Any]:
                            "false_on_cloudy_snowy_hazy": nuisance}
     if sensor is None:
         return out
-    clear = [s for c in cases for s in c["scenes"] if s["sensor"] == sensor and s["est"] is not None
-             and s["status"] in ("ok", "partial") and not s["calibration"] and _clear(s)]
+    def scored(scenes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The scenes whose counts are scored: clear, estimated, not a calibration scene."""
+        return [s for s in scenes if s["sensor"] == sensor and s["est"] is not None
+                and s["status"] in ("ok", "partial") and not s["calibration"] and _clear(s)]
+
+    clear = [s for c in cases for s in scored(c["scenes"])]
     est = [float(s["est"]) for s in clear]
     tru = [float(s["truth"]) for s in clear]
     surge = [(float(s["est"]), float(s["truth"])) for s in clear if s["surge"]]
     covered = [s["low"] <= s["truth"] <= s["high"] for s in clear if s["low"] is not None and s["high"] is not None]
     # The same intervals before calibration (the physical model alone), where the run recorded them.
-    raw = [s["uncalibrated"] for s in clear if s.get("uncalibrated") and None not in s["uncalibrated"]]
-    covered_raw = [lo <= t <= hi for (_e, lo, hi), t in zip(raw, (s["truth"] for s in clear
-                   if s.get("uncalibrated") and None not in s["uncalibrated"]), strict=True)]
+    covered_raw = [s["uncalibrated"][1] <= s["truth"] <= s["uncalibrated"][2]
+                   for s in clear if s.get("uncalibrated") and None not in s["uncalibrated"]]
     # The naive guess: the usual level, i.e. the median of the AOI's own calibration counts, for every scene.
     naive_e, naive_t, naive_se, naive_st = [], [], [], []
     for c in cases:
@@ -362,20 +365,17 @@ def score(cases: list[dict[str, Any]], sensor: str | None) -> dict[str, Any]:
         if not own:
             continue
         usual = statistics.median(own)
-        for s in c["scenes"]:
-            if s["sensor"] == sensor and s["est"] is not None and s["status"] in ("ok", "partial") \
-                    and not s["calibration"] and _clear(s):
-                naive_e.append(usual)
-                naive_t.append(float(s["truth"]))
-                if s["surge"]:
-                    naive_se.append(usual)
-                    naive_st.append(float(s["truth"]))
+        for s in scored(c["scenes"]):
+            naive_e.append(usual)
+            naive_t.append(float(s["truth"]))
+            if s["surge"]:
+                naive_se.append(usual)
+                naive_st.append(float(s["truth"]))
     # The same scenes with the best scale per archive instead of the one three counts gave: what a perfect
     # calibration could reach; the gap to the figures above is the calibration's share of the error.
     best_e, best_t, best_se, best_st = [], [], [], []
     for c in cases:
-        own = [s for s in c["scenes"] if s["sensor"] == sensor and s["est"] is not None
-               and s["status"] in ("ok", "partial") and not s["calibration"] and _clear(s)]
+        own = scored(c["scenes"])
         k = _best_scale([float(s["est"]) for s in own], [float(s["truth"]) for s in own])
         for s in own:
             best_e.append(k * float(s["est"]))

@@ -2,7 +2,8 @@
 
 Occupied track length = (occupied pixels − expected false alarms) × metres of centreline per lit
 pixel (total centreline length / the tested pixels a consist on each centreline lights, summed over the
-centrelines: ``railwatch.aoi.lit_pixels``; a yard's shared pixel stands for one track's metres). Cars = occupied length / car length (~15 m over buffers), scaled to the whole track when
+centrelines: ``railwatch.aoi.lit_pixels``; a yard's shared pixel stands for one track's metres).
+Cars = occupied length / car length (~15 m over buffers), scaled to the whole track when
 only a clear part was seen, times the per-AOI, per-sensor calibration scale (1 without calibration).
 
 The 80 % interval is drawn in log(1 + cars): the model error (calibration residual spread, or a
