@@ -28,7 +28,7 @@ from railwatch.detect.change import (
     covered,
     ndvi,
     optical_change,
-    optical_reference,
+    optical_reference_and_fit,
     radar_change,
     radar_reference,
     spread_sample,
@@ -357,13 +357,14 @@ def _zone_change(ctx: AoiContext, scene: Prepared, refs: Sequence[Prepared]) -> 
     track = on_mask & q.clear
     stable = ctx.on_zone(ctx.stable) & q.clear
     if scene.ref.collection == S2:
-        reference = optical_reference(scene.bands, [r.bands for r in refs], [r.quality.clear for r in refs], stable,
-                                      where=ctx.optical_reads, ndvis=[scene.ndvi, *(r.ndvi for r in refs)])
+        reference, fit = optical_reference_and_fit(
+            scene.bands, [r.bands for r in refs], [r.quality.clear for r in refs], stable,
+            where=ctx.optical_reads, ndvis=[scene.ndvi, *(r.ndvi for r in refs)])
         # Where some reference scene is clear (the NDVI bands cover every stable pixel; the others only
         # those the test reads).
         ref_ok = covered(reference)
         change = optical_change(scene.bands, reference, track & ref_ok, stable & ref_ok, zone=ctx.zone,
-                                neighbours=on_mask)
+                                neighbours=on_mask, fit=fit)
         return change, reference
     # The radar test reads the reference on the track only (and RADAR_STABLE_SAMPLE stable pixels).
     reference = radar_reference([r.bands for r in refs], track, where=on_mask | ctx.stable_sample)

@@ -173,18 +173,33 @@ def test_nan_median_is_numpy_nanmedian(layers: int) -> None:
     assert np.all(np.isnan(got[0, :5]))
 
 
+@pytest.mark.parametrize("layers", [1, 2, 5, 6, 7, 13])
+def test_nan_median_of_finite_stacks_is_numpy_median(layers: int) -> None:
+    """Every layer finite at every pixel (clear references) takes a shortcut: the same numbers."""
+    from railwatch.detect.change import nan_median
+
+    stack = np.random.default_rng(layers).normal(size=(layers, 30, 40)).astype(np.float32)
+    got = nan_median(stack)
+    assert got.shape == stack.shape[1:] and got.dtype == np.float32
+    assert np.array_equal(got, np.median(stack, axis=0).astype(np.float32))
+    stack[0, 3, 4] = np.nan  # one pixel short of a layer: the general path, the same elsewhere
+    assert np.array_equal(np.delete(nan_median(stack).reshape(-1), 3 * 40 + 4),
+                          np.delete(got.reshape(-1), 3 * 40 + 4))
+
+
 @pytest.mark.parametrize("share", [0.05, 0.2, 0.6])
 @pytest.mark.parametrize("columns", [0, 2])
 def test_window_mean_is_the_masked_mean_of_the_window(share: float, columns: int) -> None:
     """Sparse (few usable pixels) or by whole columns, the mean of the usable pixels of each window."""
     from railwatch.detect.change import _window_mean
+    from railwatch.detect.zone import WindowSums
 
     rng = np.random.default_rng(int(share * 100) + columns)
     n_zone, n_tested, width = 500, 120, 25
     values = rng.normal(size=(n_zone, columns) if columns else n_zone).astype(np.float32)
     usable = rng.random(n_zone) < share
     taps = rng.integers(-1, n_zone, (n_tested, width)).astype(np.int32)  # -1: off the zone
-    mean, count = _window_mean(values, usable, taps)
+    mean, count = _window_mean(values, WindowSums.build(usable, taps))
     for i in range(n_tested):
         picked = [t for t in taps[i] if t >= 0 and usable[t]]
         assert count[i] == len(picked)
@@ -327,3 +342,45 @@ def test_optical_reference_where_the_test_reads_gives_the_same_change() -> None:
     b = optical_change(vec, part, track.reshape(-1) & ok_part, st & ok_part, zone=zone, neighbours=track.reshape(-1))
     assert a.n_occupied > 0
     assert a.metrics == b.metrics and np.array_equal(a.magnitude, b.magnitude) and np.array_equal(a.occupied, b.occupied)
+
+
+def test_window_sums_are_kept_for_the_same_pixels_and_rebuilt_for_others() -> None:
+    """The clear scenes of an AOI test the same pixels: their window sums are built once, and a scene whose
+    usable pixels differ gets its own (compared, not trusted), with the means of a fresh build."""
+    from railwatch.detect.change import _window_mean
+    from railwatch.detect.zone import WindowSums, Zone, square_columns
+
+    rng = np.random.default_rng(5)
+    track = np.zeros((40, 50), bool)
+    track[18:21, 3:47] = True
+    zone = Zone.build(np.ones(track.shape, bool), track)
+    at = np.flatnonzero(track.reshape(-1))
+    usable = rng.random(track.size) < 0.3
+    first = zone.window_sums(at, square_columns(7), usable)
+    assert zone.window_sums(at, square_columns(7), usable.copy()) is first
+    assert zone.window_sums(at, square_columns(5), usable) is not first  # another window: its own
+    other = usable.copy()
+    other[np.flatnonzero(usable)[0]] = False
+    again = zone.window_sums(at, square_columns(7), other)
+    assert again is not first
+    values = rng.normal(size=(track.size, 4)).astype(np.float32)
+    fresh = WindowSums.build(other, zone.windows(at)[:, square_columns(7)])
+    assert all(np.array_equal(a, b) for a, b in zip(_window_mean(values, again), _window_mean(values, fresh), strict=True))
+    assert zone.window_sums(at[1:], square_columns(7), other) is not again  # other tested pixels
+
+
+def test_the_fit_the_reference_chooses_is_the_one_the_change_test_would() -> None:
+    """optical_reference_and_fit hands optical_change the fit sample it would otherwise draw again."""
+    from railwatch.detect.change import covered, fit_sample, optical_reference_and_fit
+
+    rng = np.random.default_rng(9)
+    n = 4000
+    scenes = [{b: rng.uniform(0.02, 0.4, n).astype(np.float32) for b in ("B02", "B03", "B04", "B08")}
+              for _ in range(4)]
+    clear = [rng.random(n) < 0.9 for _ in range(3)]
+    stable = rng.random(n) < 0.6
+    where = rng.random(n) < 0.3
+    reference, fit = optical_reference_and_fit(scenes[0], scenes[1:], clear, stable, where=where)
+    assert fit is not None and fit.size > 0
+    assert np.array_equal(fit, fit_sample(scenes[0], reference, stable & covered(reference)))
+    assert optical_reference_and_fit(scenes[0], scenes[1:], clear, stable)[1] is None

@@ -42,7 +42,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from railwatch.detect.quality import OPTICAL_BANDS
-from railwatch.detect.zone import Zone, column, diamond_columns, padded, square_columns
+from railwatch.detect.zone import WindowSums, Zone, column, diamond_columns, padded, square_columns
 
 F32 = npt.NDArray[np.float32]
 B = npt.NDArray[np.bool_]
@@ -173,11 +173,6 @@ def _vectors(bands: dict[str, F32]) -> dict[str, F32]:
     return {b: v.reshape(-1) for b, v in bands.items()}
 
 
-#: :func:`_window_mean` sums only the usable pixels when fewer than this share of the window entries
-#: are usable, else whole columns of the window table (the same means, to float32 rounding).
-SPARSE_WINDOW_SHARE = 0.4
-
-
 # Quantiles of the F and chi-square laws the tests read, cached: a frozen scipy distribution costs about
 # a millisecond to build and each call a few hundred microseconds of argument checking, the whole
 # of a small AOI's radar test otherwise (bench/kernel.py); the values are scipy's own, bit for bit.
@@ -196,29 +191,16 @@ def _chi2_cdf(x: float, dof: float) -> float:
     return float(stats.chi2.cdf(x, dof))
 
 
-def _window_mean(values: F32, usable: B, taps: npt.NDArray[np.int32]) -> tuple[F32, npt.NDArray[np.intp]]:
-    """Mean of ``values`` (a pixel vector: one value, or one row of values, per pixel) over the ``usable``
-    pixels of each row of ``taps`` (0 where there are none), and how many pixels each mean took.
+def _window_mean(values: F32, sums: WindowSums) -> tuple[F32, npt.NDArray[np.intp]]:
+    """Mean of ``values`` (a pixel vector: one value, or one row of values, per pixel) over the usable
+    pixels of each window of ``sums`` (0 where there are none), and how many pixels each mean took.
 
     The masked local mean a whole-grid ``ndimage.uniform_filter`` used to give, read only around the
-    pixels tested (``taps`` come from :meth:`Zone.windows`; -1, off the zone, reads nothing).
+    pixels tested (:meth:`Zone.window_sums`; a window entry off the zone reads nothing).
     """
     shape = (-1, *([1] * (values.ndim - 1)))
-    ok = padded(usable, False)[taps]
-    count = ok.sum(axis=1)
-    if count.sum() < SPARSE_WINDOW_SHARE * ok.size:
-        # Few usable pixels in the windows (the optical surroundings: stable pixels only at the rim of a
-        # track's 7 x 7 window): sum just those, a weighted bincount per column of values.
-        rows, cols = np.nonzero(ok)
-        picked = values[taps[rows, cols]].reshape(rows.size, int(np.prod(values.shape[1:])))
-        sums = np.stack([np.bincount(rows, weights=picked[:, j], minlength=taps.shape[0])
-                         for j in range(picked.shape[1])], axis=-1)
-        total = sums.reshape(taps.shape[0], *values.shape[1:]).astype(np.float32)
-    else:
-        masked = padded(np.where(usable.reshape(shape), values, 0).astype(np.float32))
-        total = np.zeros((taps.shape[0], *values.shape[1:]), np.float32)
-        for k in range(taps.shape[1]):
-            total += masked[taps[:, k]]
+    total = sums.total(values)
+    count = sums.count
     mean = np.zeros_like(total)
     np.divide(total, count.reshape(shape).astype(np.float32), out=mean, where=count.reshape(shape) > 0)
     return mean, count
@@ -243,8 +225,10 @@ def robust_fit(
     its axis says nothing about the gain and the fit is the median offset with gain 1.
     """
     ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok].astype(np.float64), y[ok].astype(np.float64)
-    if x.size < 10 or float(np.ptp(x)) < 1e-6:
+    if not ok.all():  # (a fit's sample is usually all finite: no copy through a mask)
+        x, y = x[ok], y[ok]
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    if x.size < 10 or float(x.max() - x.min()) < 1e-6:  # np.ptp, without its wrapper
         return 1.0, float(_median(y - x)) if x.size else 0.0
     keep: B | None = None  # every pixel, until the first clipping
     g: float | None = None
@@ -256,7 +240,8 @@ def robust_fit(
             break
         else:
             xk, yk = x[keep], y[keep]
-        mx, my = float(xk.mean()), float(yk.mean())
+        # The means as ndarray.mean takes them (the same pairwise sum over the same count), without its wrapper.
+        mx, my = float(np.add.reduce(xk)) / xk.size, float(np.add.reduce(yk)) / yk.size
         dx, dy = xk - mx, yk - my
         # einsum, not a BLAS dot: a threaded dot of 20 000 values stalls on a busy machine.
         sxx, syy, sxy = (float(np.einsum("i,i", a, b)) for a, b in ((dx, dx), (dy, dy), (dx, dy)))
@@ -341,8 +326,18 @@ def nan_median(stack: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         srt = np.stack(rows)
     else:
         srt = np.sort(stack, axis=0)  # NaN sort last
-    n = np.count_nonzero(np.isfinite(stack), axis=0).reshape(-1)
+    # Finite layers per pixel, counted in bytes (k <= 255 layers; np.count_nonzero along an axis goes
+    # through intp and takes four times as long).
+    if k <= 255:
+        n = np.isfinite(stack).view(np.uint8).sum(axis=0, dtype=np.uint8).reshape(-1)
+    else:
+        n = np.count_nonzero(np.isfinite(stack), axis=0).reshape(-1)
     size = n.size
+    if size and k and int(n.min()) == k:
+        # Every layer finite at every pixel (clear references): the middle layers themselves.
+        a, b = srt[(k - 1) // 2].reshape(-1), srt[k // 2].reshape(-1)
+        return (0.5 * (a + b)).astype(np.float32).reshape(stack.shape[1:])
+    n = n.astype(np.intp)
     flat = srt.reshape(-1)
     at = np.arange(size)
     a = flat[np.maximum((n - 1) // 2, 0) * size + at]  # n // 2 < k: no upper bound to clip
@@ -438,7 +433,19 @@ def optical_reference(
     current: dict[str, F32], scenes: Sequence[dict[str, F32]], clear: Sequence[B], stable: B,
     *, where: B | None = None, ndvis: Sequence[F32 | None] | None = None,
 ) -> dict[str, F32]:
-    """Median of the reference scenes, each first brought to the current scene's radiometry.
+    """Median of the reference scenes, each first brought to the current scene's radiometry
+    (:func:`optical_reference_and_fit`, without the fit sample)."""
+    return optical_reference_and_fit(current, scenes, clear, stable, where=where, ndvis=ndvis)[0]
+
+
+def optical_reference_and_fit(
+    current: dict[str, F32], scenes: Sequence[dict[str, F32]], clear: Sequence[B], stable: B,
+    *, where: B | None = None, ndvis: Sequence[F32 | None] | None = None,
+) -> tuple[dict[str, F32], npt.NDArray[np.intp] | None]:
+    """Median of the reference scenes, each first brought to the current scene's radiometry; with
+    ``where``, also the pixels :func:`optical_change` fits the scene's gains against it on (its ``fit``:
+    :func:`fit_sample` of the current scene and this reference over ``stable``, which computing the
+    reference at ``where`` chooses anyway), else None.
 
     Pixel by pixel, so the arrays may be whole grids or pixel vectors over a zone: the pipeline passes
     its change zone (the track, its surroundings and a sample of stable pixels), all the change test
@@ -505,14 +512,15 @@ def optical_reference(
         return out
 
     if where is None:
-        return medians_at(bands, None)
+        return medians_at(bands, None), None
     # The NDVI bands wherever optical_change may choose its fit; then the fit it will choose.
     first = covering_bands(bands)
     reference = medians_at(first, np.flatnonzero(where | stable))
+    sample = fit_sample(current, reference, stable)
     fit = np.zeros(stable.shape, bool)
-    fit.reshape(-1)[fit_sample(current, reference, stable)] = True
+    fit.reshape(-1)[sample] = True
     reference |= medians_at([b for b in bands if b not in reference], np.flatnonzero(where | fit))
-    return {b: reference[b] for b in bands}
+    return {b: reference[b] for b in bands}, sample
 
 
 def fit_sample(current: dict[str, F32], reference: dict[str, F32], stable: B) -> npt.NDArray[np.intp]:
@@ -588,15 +596,23 @@ def _registration_costs(
     would not change a bit, and a batch of one row offset uses only three or six of the nine taps.
     """
     costs: list[float] = []
+    # Band-major copies (bands x pixels), so that every operation below runs over contiguous pixels: the
+    # same float32 operations on the same elements as over (pixels x bands).
+    cur_t = np.ascontiguousarray(cur.T)
+    taps_t: dict[tuple[int, int], npt.NDArray[np.float32]] = {}
     for used in _registration_batches(tuple(offsets)):
-        value = np.zeros((used[0][1].shape[0], *cur.shape), np.float32)
+        value = np.zeros((used[0][1].shape[0], *cur_t.shape), np.float32)
+        product = np.empty_like(value)
         for (iy, ix), w in used:
-            value += w * read(iy, ix)[0][None]
+            if (iy, ix) not in taps_t:
+                taps_t[(iy, ix)] = np.ascontiguousarray(read(iy, ix)[0].T)
+            np.multiply(w, taps_t[(iy, ix)][None], out=product)
+            value += product
         # The whitened squared residual summed over the bands, band by band in np.sum's order (the same
         # float32 numbers, without a reduction over a four-wide axis or a broadcast division: half the time).
-        total = np.zeros(value.shape[:2], np.float32)
-        for b in range(cur.shape[1]):
-            d = (cur[:, b] - value[..., b]) / scale[b]
+        total = np.zeros((value.shape[0], value.shape[2]), np.float32)
+        for b in range(cur_t.shape[0]):
+            d = (cur_t[b] - value[:, b]) / scale[b]
             total += d * d
         costs += [float(c) for c in _median(total)]
     return costs
@@ -624,8 +640,12 @@ def optical_change(
     zone: Zone | None = None,
     neighbours: B | None = None,
     false_alarm: float = FALSE_ALARM,
+    fit: npt.NDArray[np.intp] | None = None,
 ) -> Change:
     """Spectral change of each track pixel against the reference (reflectance 0..1).
+
+    ``fit`` (optional): the pixels the scene's gains against the reference are fitted on, when the caller
+    has them (:func:`optical_reference_and_fit`); by default :func:`fit_sample` of ``stable``.
 
     ``track`` and ``stable`` already exclude unusable pixels. ``neighbours`` (default: the track and
     the pixels next to it) are the pixels a track pixel may be matched with to absorb sub-pixel
@@ -637,14 +657,15 @@ def optical_change(
         whole = Zone.whole(track)
         nb = ndimage.binary_dilation(track, iterations=1) if neighbours is None else neighbours
         return optical_change(_vectors(current), _vectors(reference), track.reshape(-1), stable.reshape(-1),
-                              zone=whole, neighbours=nb.reshape(-1), false_alarm=false_alarm).on_grid(whole)
+                              zone=whole, neighbours=nb.reshape(-1), false_alarm=false_alarm, fit=fit).on_grid(whole)
     if neighbours is None:
         raise ValueError("neighbours are required with a zone")
     bands = [b for b in OPTICAL_BANDS if b in current and b in reference]
     if not bands:
         raise ValueError("no optical bands in common between the scene and its reference")
     metrics: dict[str, float] = {}
-    fit = fit_sample(current, reference, stable)
+    if fit is None:
+        fit = fit_sample(current, reference, stable)
     pred: dict[str, F32] = {}
     for b in bands:
         g, o = robust_fit(reference[b][fit], current[b][fit])
@@ -709,7 +730,7 @@ def optical_change(
     mu32 = mu.astype(np.float32)
 
     # Direction of the surroundings' own change (stable pixels within SURROUNDINGS_WINDOW), whitened.
-    local, n_local = _window_mean(resid, stable & finite, win[:, square_columns(SURROUNDINGS_WINDOW)])
+    local, n_local = _window_mean(resid, zone.window_sums(at, square_columns(SURROUNDINGS_WINDOW), stable & finite))
     has_local = n_local > 0
     v = np.where(has_local[:, None], (local - mu32) @ whiten, 0.0).astype(np.float32)
     vn = np.linalg.norm(v, axis=-1, keepdims=True)
@@ -776,7 +797,8 @@ def radar_regions(cur: F32, scaled_ref: F32, n_ref: int, track: B, win: npt.NDAr
     Monte Carlo, :data:`RADAR_REGION_Z`).
     """
     at = np.flatnonzero(track)
-    local, count = _window_mean(np.stack([cur, scaled_ref], axis=-1), track, win[:, square_columns(window)])
+    local, count = _window_mean(np.stack([cur, scaled_ref], axis=-1),
+                                WindowSums.build(track, win[:, square_columns(window)]))
     lc, lr = local[:, 0], local[:, 1]
     ratio = np.zeros(at.size, np.float32)
     np.divide(lc, lr, out=ratio, where=lr > 0)
@@ -938,9 +960,8 @@ def radar_change(
     # Ratio of local means over the track pixels of the window (speckle averages, a consist does not).
     at = np.flatnonzero(track)
     win = zone.windows(at)
-    square = win[:, square_columns(window)]
-    # Scene and reference side by side: one pass over the window table, each column summed as on its own.
-    local, _ = _window_mean(np.stack([cur, ref], axis=-1), track, square)
+    # Scene and reference side by side: one pass over the windows, each column summed as on its own.
+    local, _ = _window_mean(np.stack([cur, ref], axis=-1), zone.window_sums(at, square_columns(window), track))
     lc, lr = local[:, 0], local[:, 1]
     # Independent samples per window: the test has always counted the whole window (window² pixels),
     # not only its track pixels; kept as it is so that the detector's figures do not move.

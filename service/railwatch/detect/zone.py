@@ -10,18 +10,68 @@ per AOI.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
+from scipy.sparse import csr_matrix
 
 #: Half-size of the square window kept around every tested pixel: 3 covers the optical surroundings
 #: (7 x 7), the radar window (5 x 5) and the sub-pixel reads of the optical test (at most 2 pixels away).
 WINDOW_RADIUS = 3
 
+#: :class:`WindowSums` sums only the usable pixels (a sparse matrix) when fewer than this share of the
+#: window entries are usable, else whole columns of the window table (the same means, to float32 rounding).
+SPARSE_WINDOW_SHARE = 0.4
+
 _S = TypeVar("_S", bound=np.generic)
+
+
+@dataclass(frozen=True)
+class WindowSums:
+    """How to sum, for each window (a row of a window table ``taps``), the ``usable`` pixels in it.
+
+    With few usable pixels in the windows (under :data:`SPARSE_WINDOW_SHARE` of the entries: the optical
+    surroundings, stable pixels only at the rim of a track's 7 x 7 window; the radar window along a
+    single track) a sparse matrix (windows x zone pixels, ones where a usable pixel lies in a window,
+    in the window's column order) whose product with a pixel vector adds them in float64 in the order
+    a weighted ``np.bincount`` over ``np.nonzero`` of the table did, bit for bit; otherwise whole
+    columns of the table are added in float32 (``matrix`` is None). Building it costs about as much as
+    one use; :meth:`Zone.window_sums` keeps the last one per window shape, so that the clear scenes of
+    an AOI, which test the same pixels, build it once.
+    """
+
+    taps: npt.NDArray[np.int32]
+    usable: npt.NDArray[np.bool_]
+    count: npt.NDArray[np.intp]  # usable pixels per window
+    matrix: Any  # scipy.sparse.csr_matrix (float64), or None: add whole columns
+
+    @classmethod
+    def build(cls, usable: npt.NDArray[np.bool_], taps: npt.NDArray[np.int32]) -> WindowSums:
+        ok = padded(usable, False)[taps]
+        count = ok.sum(axis=1)
+        if count.sum() >= SPARSE_WINDOW_SHARE * ok.size:
+            return cls(taps, usable, count, None)
+        rows, cols = np.nonzero(ok)
+        indptr = np.zeros(taps.shape[0] + 1, np.int64)
+        np.cumsum(count, out=indptr[1:])
+        matrix = csr_matrix((np.ones(rows.size), taps[rows, cols], indptr), shape=(taps.shape[0], usable.size))
+        return cls(taps, usable, count, matrix)
+
+    def total(self, values: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """The sum of ``values`` (a pixel vector: one value, or one row of values, per pixel) over the
+        usable pixels of each window (float32; 0 where there are none)."""
+        if self.matrix is not None:
+            flat = values.reshape(values.shape[0], -1).astype(np.float64)
+            return np.asarray(self.matrix @ flat).astype(np.float32).reshape(self.taps.shape[0], *values.shape[1:])
+        shape = (-1, *([1] * (values.ndim - 1)))
+        masked = padded(np.where(self.usable.reshape(shape), values, 0).astype(np.float32))
+        total = np.zeros((self.taps.shape[0], *values.shape[1:]), np.float32)
+        for k in range(self.taps.shape[1]):
+            total += masked[self.taps[:, k]]
+        return total
 
 
 @dataclass(frozen=True)
@@ -39,6 +89,9 @@ class Zone:
     flat: npt.NDArray[np.intp]  # flat grid index of each zone pixel, ascending
     row: npt.NDArray[np.int32]  # per zone pixel: its row of ``window``, -1 when it is never tested
     window: npt.NDArray[np.int32]  # (tested pixels, (2R+1)²) zone positions, -1 off the zone
+    # The last WindowSums per window shape, with the tested pixels it was built for (window_sums).
+    _sums: dict[tuple[int, ...], tuple[npt.NDArray[np.intp], WindowSums]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def build(cls, zone: npt.NDArray[np.bool_], tested: npt.NDArray[np.bool_]) -> Zone:
@@ -81,6 +134,18 @@ class Zone:
         if rows.size and int(rows.min()) < 0:
             raise ValueError("a pixel without a window was tested: the zone's windows must cover the track")
         return self.window[rows]
+
+    def window_sums(self, at: npt.NDArray[np.intp], columns: Sequence[int], usable: npt.NDArray[np.bool_]) -> WindowSums:
+        """:meth:`WindowSums.build` of ``usable`` over the windows (``columns``, e.g. :func:`square_columns`)
+        of the tested pixels at zone positions ``at``; the last one built for each ``columns`` is kept and
+        returned again while ``at`` and ``usable`` are the same (compared, not trusted)."""
+        key = tuple(columns)
+        hit = self._sums.get(key)  # one entry read and written whole: safe between threads
+        if hit is not None and np.array_equal(hit[0], at) and np.array_equal(hit[1].usable, usable):
+            return hit[1]
+        sums = WindowSums.build(usable.copy(), self.windows(at)[:, list(columns)])
+        self._sums[key] = (at.copy(), sums)
+        return sums
 
 
 def column(dy: int, dx: int) -> int:
