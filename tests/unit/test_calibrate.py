@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 
 from railwatch.config import Settings
 from railwatch.detect.calibrate import (
+    SCALE_PRIOR_LOG_SIGMA,
+    SCALE_RANGE,
     Count,
     CountsError,
     assign_counts,
@@ -196,3 +198,21 @@ def test_calibration_scales_each_radar_geometry_to_the_same_cars(tmp_path: Path)
     cals = store.calibrations(aoi.id)
     assert cals[geometry_key_of(S1, "descending:61")].scale == pytest.approx(0.5, rel=0.1)
     assert cals[geometry_key_of(S1, "ascending:134")].scale == pytest.approx(0.25, rel=0.1)
+
+
+def test_a_scale_few_counts_support_is_held_near_the_physical_model() -> None:
+    """Three counts of 12-15 cars on scenes whose raw estimates are 0, half a car and 0 (the optical test saw
+    almost nothing): the plain L1 fit follows the one informative count to the end of its range, the fit with
+    the prior stays within what the model's stated uncertainty (a factor of about two) allows."""
+    pairs = [(0.0, 12.0), (0.52, 14.0), (0.0, 15.0)]
+    assert fit_scale(pairs, scale_prior_log_sigma=None).scale == pytest.approx(SCALE_RANGE[1])
+    held = fit_scale(pairs)
+    assert 1.0 < held.scale < math.exp(2 * SCALE_PRIOR_LOG_SIGMA)
+
+
+@pytest.mark.parametrize("scale", [0.2, 0.5, 3.0])
+def test_counts_that_agree_fix_the_scale_whatever_the_prior(scale: float) -> None:
+    """Three counts of a yard's usual 8-30 cars within ±6 % of one scale: the prior does not move it."""
+    cars = [8.0, 14.0, 30.0]
+    pairs = [(c / scale, c * f) for c, f in zip(cars, (0.95, 1.0, 1.06), strict=True)]
+    assert fit_scale(pairs).scale == pytest.approx(fit_scale(pairs, scale_prior_log_sigma=None).scale, rel=0.02)

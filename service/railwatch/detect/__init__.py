@@ -37,4 +37,8 @@ from __future__ import annotations
 #: pixels and, through the radar window, a neighbouring track's: ``aoi.lit_pixels``), not per tested pixel,
 #: which counted a yard's shared pixel once for every track through it; an AOI's estimates change by a
 #: constant factor (the shipped AOIs' radar 2.5-6.5x lower, optical about 2x), which calibration absorbs.
-DETECTOR_VERSION = "2.7.0"
+#: 2.7.1: the calibration scale is held near the physical model by a prior on log(scale) (σ 0.7, the model's
+#: own uncertainty): counts that agree still fix it, but one count on a raw estimate of half a car no
+#: longer drags the model by a factor of 20. Raw estimates are unchanged; calibrated ones change where a
+#: calibration is fitted again (``calibrate``, ``reprocess``).
+DETECTOR_VERSION = "2.7.1"

@@ -4,8 +4,13 @@ An analyst counts the rail cars on some days (``acquired,cars`` in a CSV file, I
 UTC). Each count is matched to the same UTC day's usable scenes of each sensor; per sensor, the
 scale that maps the physical model's raw estimate onto the counts is fitted robustly in log space,
 
-    log(1 + cars) ≈ log(1 + scale · raw),        scale = argmin Σ |residual|   (an L1 fit)
+    log(1 + cars) ≈ log(1 + scale · raw),        scale = argmin Σ |residual| / b + log(scale)² / (2 · σ₀²)
 
+an L1 fit (a Laplace error of standard deviation ``PRIOR_LOG_SIGMA``, b = that / √2) with a Gaussian prior
+on log(scale) centred on the physical model (σ₀ = ``SCALE_PRIOR_LOG_SIGMA``, its own stated uncertainty:
+a factor of about two). Between the counts' own kinks the L1 cost changes by 2 / b per unit of log(scale),
+so counts that agree fix the scale alone; the prior only holds back a scale that barely any count
+supports — one count on a raw estimate of half a car cannot drag the model by a factor of 20.
 and the residual spread (the model error that remains) is the standard deviation of those
 residuals, shrunk towards a prior so that three counts cannot claim a precision they do not have:
 
@@ -26,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from railwatch.detect.estimate import UNCALIBRATED_LOG_SIGMA
+
 #: Prior model error after calibration, std of log(1 + cars): what one sensor's occupancy count
 #: typically misses from scene to scene (car types, sub-pixel mixing, which tracks are used).
 PRIOR_LOG_SIGMA = 0.35
@@ -33,6 +40,9 @@ PRIOR_LOG_SIGMA = 0.35
 PRIOR_WEIGHT = 4.0
 #: Scales are searched in this range (the physical model is not off by more than a factor of 20).
 SCALE_RANGE = (0.05, 20.0)
+#: Prior standard deviation of log(scale) around the uncalibrated physical model (scale 1): the model's own
+#: uncertainty, a factor of about two.
+SCALE_PRIOR_LOG_SIGMA = UNCALIBRATED_LOG_SIGMA
 
 
 class CountsError(ValueError):
@@ -148,8 +158,10 @@ def assign_counts(
 
 
 def fit_scale(pairs: Sequence[tuple[float, float]], *, prior_log_sigma: float = PRIOR_LOG_SIGMA,
-              prior_weight: float = PRIOR_WEIGHT) -> Calibration:
-    """Scale and model error from ``(raw, cars)`` pairs: robust (L1) in log(1 + ·) space."""
+              prior_weight: float = PRIOR_WEIGHT,
+              scale_prior_log_sigma: float | None = SCALE_PRIOR_LOG_SIGMA) -> Calibration:
+    """Scale and model error from ``(raw, cars)`` pairs: robust (L1) in log(1 + ·) space, held near the
+    physical model by a prior on log(scale) (``scale_prior_log_sigma``; None: the plain L1 fit)."""
     if not pairs:
         raise ValueError("no matched counts to calibrate with")
     raw = np.array([max(0.0, float(r)) for r, _ in pairs])
@@ -158,7 +170,10 @@ def fit_scale(pairs: Sequence[tuple[float, float]], *, prior_log_sigma: float = 
         raise ValueError("every matched scene has a raw estimate of 0: nothing to scale")
     grid = np.exp(np.linspace(math.log(SCALE_RANGE[0]), math.log(SCALE_RANGE[1]), 2001))
     resid = np.log1p(cars)[None, :] - np.log1p(grid[:, None] * raw[None, :])
-    cost = np.abs(resid).sum(axis=1)
+    b = PRIOR_LOG_SIGMA / math.sqrt(2.0)  # the Laplace scale of one count's log error
+    cost = np.abs(resid).sum(axis=1) / b
+    if scale_prior_log_sigma is not None:
+        cost += np.log(grid) ** 2 / (2.0 * scale_prior_log_sigma**2)
     best = np.flatnonzero(cost <= cost.min() + 1e-9)
     scale = float(np.exp(np.mean(np.log(grid[best]))))  # the middle of a flat L1 minimum
     r = np.log1p(cars) - np.log1p(scale * raw)
