@@ -11,8 +11,9 @@ on log(scale) centred on the physical model (σ₀ = ``SCALE_PRIOR_LOG_SIGMA``, 
 a factor of about two). Between the counts' own kinks the L1 cost changes by 2 / b per unit of log(scale),
 so counts that agree fix the scale alone; the prior only holds back a scale that barely any count
 supports — one count on a raw estimate of half a car cannot drag the model by a factor of 20.
-and the residual spread (the model error that remains) is the standard deviation of those
-residuals, shrunk towards a prior so that three counts cannot claim a precision they do not have:
+
+The residual spread (the model error that remains) is the standard deviation of those residuals,
+shrunk towards a prior so that three counts cannot claim a precision they do not have:
 
     sigma² = (PRIOR_WEIGHT · PRIOR_LOG_SIGMA² + Σ residual²) / (PRIOR_WEIGHT + n − 1)
 
@@ -175,7 +176,7 @@ def fit_scale(pairs: Sequence[tuple[float, float]], *, prior_log_sigma: float = 
     if scale_prior_log_sigma is not None:
         cost += np.log(grid) ** 2 / (2.0 * scale_prior_log_sigma**2)
     best = np.flatnonzero(cost <= cost.min() + 1e-9)
-    scale = float(np.exp(np.mean(np.log(grid[best]))))  # the middle of a flat L1 minimum
+    scale = float(np.exp(np.mean(np.log(grid[best]))))  # the middle of a flat minimum (the plain L1 fit's)
     r = np.log1p(cars) - np.log1p(scale * raw)
     n = len(pairs)
     ss = float(np.sum(r**2))
