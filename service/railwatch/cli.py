@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import logging
+import math
 import shutil
 import sys
 import time
@@ -641,6 +642,11 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failures or errors else EXIT_OK
 
 
+#: ``calibrate`` says so when the model's prior holds a sensor's scale more than this factor away from the
+#: scale its counts alone give (docs/detector.md §6).
+HELD_SCALE_NOTE = 1.25
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Fit the AOI's per-sensor car scale to analysts' counts (CSV `acquired,cars`, ISO date or datetime,
     UTC) matched to the same day's scenes, and update the estimates already recorded. Alerts already
@@ -666,9 +672,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     else:
         emit(rows, args.format, title=f"calibration of {args.aoi}",
              columns=["aoi", "sensor", "counts", "scale", "log_sigma", "residual_sd", "error"])
-        if report.get("unmatched"):
-            _stderr_console().print(f"{len(report['unmatched'])} count(s) matched no scene of that UTC day: "
-                                    + ", ".join(report["unmatched"]), highlight=False, markup=False)
+    for sensor, info in report["sensors"].items():
+        held, alone = info.get("scale"), info.get("counts_scale")
+        if held and alone and abs(math.log(alone / held)) > math.log(HELD_SCALE_NOTE):
+            _stderr_console().print(
+                f"{sensor}: the counts alone would set a scale of {alone:g}; the model's prior holds it at "
+                f"{held:g}, because the counted scenes' own estimates say little (near 0 cars, or far apart). "
+                "Counts on busier days, or more of them, settle it.", highlight=False, markup=False)
+    if args.format != "json" and report.get("unmatched"):
+        _stderr_console().print(f"{len(report['unmatched'])} count(s) matched no scene of that UTC day: "
+                                + ", ".join(report["unmatched"]), highlight=False, markup=False)
     if not report["sensors"]:
         _stderr_console().print("no count matched a usable scene: nothing calibrated "
                                 "(counts are matched to scenes of the same UTC day; backfill first)")

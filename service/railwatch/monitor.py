@@ -674,6 +674,8 @@ class Monitor:
             cals[sensor] = cal
             report["sensors"][sensor] = {"counts": cal.n, "scale": round(cal.scale, 4),
                                          "log_sigma": round(cal.log_sigma, 4), "residual_sd": round(cal.residual_sd, 4)}
+            if cal.counts_scale is not None:
+                report["sensors"][sensor]["counts_scale"] = round(cal.counts_scale, 4)
             if len(f) > 1:
                 report["sensors"][sensor]["geometry_factors"] = {g: round(v, 4) for g, v in sorted(f.items())}
         if not cals:

@@ -216,3 +216,34 @@ def test_counts_that_agree_fix_the_scale_whatever_the_prior(scale: float) -> Non
     cars = [8.0, 14.0, 30.0]
     pairs = [(c / scale, c * f) for c, f in zip(cars, (0.95, 1.0, 1.06), strict=True)]
     assert fit_scale(pairs).scale == pytest.approx(fit_scale(pairs, scale_prior_log_sigma=None).scale, rel=0.02)
+
+
+def test_calibrate_says_when_the_prior_holds_a_scale_its_counts_barely_support(tmp_path: Path) -> None:
+    """Through the real CLI: optical counts of 12-15 cars on scenes that read 0, 0.52 and 0 cars. The JSON
+    carries the scale the counts alone give beside the held one, and stderr says why they differ; radar
+    counts that agree with their scenes get no such note."""
+    from tests.cli_helpers import project, railwatch
+
+    proj = project(tmp_path, aois=("sinuiju-dandong",))
+    (proj / "var").mkdir()
+    store = Store(f"sqlite:///{proj / 'var' / 'railwatch.db'}")
+    days = [T0 + timedelta(days=5 * i) for i in range(12)]
+    with store.session() as s:
+        for i, t in enumerate(days):
+            for sensor, raw, hours in ((S2, (0.0, 0.52, 0.0)[i % 3], 2), (S1, 14.0 + i % 3, 21)):
+                store.save_observation(s, Observation(
+                    "sinuiju-dandong", sensor, t + timedelta(hours=hours), "ok", estimated_cars=raw,
+                    estimated_cars_low=raw / 2, estimated_cars_high=raw * 2 + 1, clear_fraction=1.0,
+                    geometry_key="optical" if sensor == S2 else "descending:61",
+                    metrics={"raw_cars": raw, "raw_cars_sd": 1.0}, detector_version="test"))
+    (proj / "counts.csv").write_text(
+        "acquired,cars\n" + "".join(f"{days[i].date().isoformat()},{c}\n" for i, c in ((0, 12), (1, 14), (2, 15))),
+        encoding="utf-8")
+    res = railwatch("calibrate", "--aoi", "sinuiju-dandong", "counts.csv", "--format", "json", cwd=proj)
+    assert res.code == 0, res.err
+    sensors = res.json()["sensors"]
+    optical, radar = sensors[S2], sensors[S1]
+    assert optical["counts_scale"] == pytest.approx(SCALE_RANGE[1]) and 1.0 < optical["scale"] < 5.0
+    assert radar["counts_scale"] == pytest.approx(radar["scale"], rel=0.05)
+    assert f"{S2}: the counts alone would set a scale of 20" in res.err
+    assert S1 not in res.err

@@ -31,6 +31,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from railwatch.detect.estimate import UNCALIBRATED_LOG_SIGMA
 
@@ -71,6 +72,9 @@ class Calibration:
     log_sigma: float  # model error used for intervals (already includes the scale's own uncertainty)
     n: int
     residual_sd: float  # spread of the fit's own residuals (diagnostic)
+    #: The scale the counts alone give (the plain L1 fit, without the prior): far from ``scale`` when the
+    #: counts barely support a scale (raw estimates near 0), which ``calibrate`` reports.
+    counts_scale: float | None = None
 
 
 def _parse_time(text: str) -> tuple[datetime, bool]:
@@ -175,14 +179,19 @@ def fit_scale(pairs: Sequence[tuple[float, float]], *, prior_log_sigma: float = 
     cost = np.abs(resid).sum(axis=1) / b
     if scale_prior_log_sigma is not None:
         cost += np.log(grid) ** 2 / (2.0 * scale_prior_log_sigma**2)
-    best = np.flatnonzero(cost <= cost.min() + 1e-9)
-    scale = float(np.exp(np.mean(np.log(grid[best]))))  # the middle of a flat minimum (the plain L1 fit's)
+
+    def argmin(c: npt.NDArray[np.float64]) -> float:
+        best = np.flatnonzero(c <= c.min() + 1e-9)
+        return float(np.exp(np.mean(np.log(grid[best]))))  # the middle of a flat minimum (the plain L1 fit's)
+
+    scale = argmin(cost)
+    plain = argmin(np.abs(resid).sum(axis=1) / b) if scale_prior_log_sigma is not None else scale
     r = np.log1p(cars) - np.log1p(scale * raw)
     n = len(pairs)
     ss = float(np.sum(r**2))
     sigma = math.sqrt((prior_weight * prior_log_sigma**2 + ss) / (prior_weight + max(n - 1, 0)))
     return Calibration(scale=scale, log_sigma=sigma * math.sqrt(1.0 + 1.0 / n), n=n,
-                       residual_sd=float(np.std(r)) if n > 1 else 0.0)
+                       residual_sd=float(np.std(r)) if n > 1 else 0.0, counts_scale=plain)
 
 
 #: A geometry needs this many usable scenes before its level is compared with the others'.
