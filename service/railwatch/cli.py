@@ -671,7 +671,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
               "unmatched": report.get("unmatched", []), "updated_observations": report.get("updated", 0)}, "json")
     else:
         emit(rows, args.format, title=f"calibration of {args.aoi}",
-             columns=["aoi", "sensor", "counts", "scale", "log_sigma", "residual_sd", "error"])
+             columns=["aoi", "sensor", "counts", "scale", "counts_scale", "log_sigma", "residual_sd", "error"])
     for sensor, info in report["sensors"].items():
         held, alone = info.get("scale"), info.get("counts_scale")
         if held and alone and abs(math.log(alone / held)) > math.log(HELD_SCALE_NOTE):
